@@ -1,0 +1,7 @@
+"""``python -m autocomp``."""
+
+import sys
+
+from autocomp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,260 @@
+"""The ``autocomp`` command line."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from autocomp.errors import AutocompError
+from autocomp.units import format_bytes, format_count, format_seconds
+
+DEMO_MODEL = "demo-resnet"
+DEMO_DATA = "fashion-mnist"
+DEMO_TRIALS = 32
+DEMO_BUDGET = "70%"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise AutocompError(f"{message} (see {self.prog} --help)")
+
+
+def _add_model_args(parser: argparse.ArgumentParser, *, model_required: bool) -> None:
+    from autocomp.models import MODEL_SPEC_HELP
+
+    parser.add_argument("--model", required=model_required, help=MODEL_SPEC_HELP)
+    parser.add_argument("--weights", help="state dict to load (torch.load, weights_only=True)")
+    parser.add_argument("--num-classes", type=int,
+                        help="classifier outputs (default: the dataset's class count)")
+    parser.add_argument("--adapt-stem", action="store_true",
+                        help="fit a torchvision model's first conv to the data's channels and, "
+                             "for inputs <= 64 px, drop its early downsampling")
+
+
+def _add_data_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    from autocomp.data import DATA_SPEC_HELP
+
+    parser.add_argument("--data", required=required, help=DATA_SPEC_HELP)
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="side of the square images imagefolder data is resized to")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autocomp", description="Hardware-aware automatic model compression.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a baseline model")
+    _add_model_args(train, model_required=True)
+    _add_data_args(train, required=True)
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", required=True, type=Path, help="where to save the state dict")
+
+    inspect = commands.add_parser("inspect", help="per-layer inventory: shapes, params, MACs")
+    _add_model_args(inspect, model_required=True)
+    inspect.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    targets = commands.add_parser("targets", help="list hardware profiles")
+    targets.add_argument("--json", action="store_true", help="print JSON")
+
+    search = commands.add_parser(
+        "search", help="search per-layer compression plans (no --model/--data: the demo)")
+    _add_model_args(search, model_required=False)
+    _add_data_args(search, required=False)
+    search.add_argument("--target", default="host", help="hardware profile (autocomp targets)")
+    search.add_argument("--budget", help="latency limit: 20ms, 1.5s, 800us, or 60%% of the "
+                                         f"uncompressed model (demo: {DEMO_BUDGET})")
+    search.add_argument("--trials", type=int, help=f"trials to finish (demo: {DEMO_TRIALS})")
+    search.add_argument("--name", help="run name: outputs go to RUNS/NAME (rerun to resume)")
+    search.add_argument("--space", default="default", help="search space name or YAML path")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--finetune-steps", type=int,
+                        help="override the space's fine-tuning steps per trial")
+    search.add_argument("--train-subset", type=int, default=20000,
+                        help="training images fine-tuning draws from (default 20000)")
+    search.add_argument("--val-subset", type=int,
+                        help="validation images each trial is scored on (default: all)")
+    search.add_argument("--baseline-epochs", type=int, default=4,
+                        help="epochs to train the baseline when no --weights are given")
+    search.add_argument("--no-export", action="store_true",
+                        help="demo only: skip exporting the best trial")
+    search.add_argument("--runs-dir", type=Path, default=Path("runs"))
+
+    export = commands.add_parser("export", help="export a trial as a deployable TVM module")
+    export.add_argument("run", help="run name (a folder under --runs-dir)")
+    export.add_argument("--trial", default="best", help="trial number or 'best' (default)")
+    export.add_argument("--out", type=Path, help="output folder (default RUNS/RUN/export/trial-N)")
+    export.add_argument("--force", action="store_true", help="replace an existing output folder")
+    export.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a subcommand; user errors become one line and exit status 2."""
+    try:
+        args = build_parser().parse_args(argv)
+        handler = {"train": cmd_train, "inspect": cmd_inspect, "targets": cmd_targets,
+                   "search": cmd_search, "export": cmd_export}[args.command]
+        return handler(args) or 0
+    except AutocompError as err:
+        print(f"autocomp: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autocomp: interrupted (finished trials are kept; rerun the same command to resume)",
+              file=sys.stderr)
+        return 130
+
+
+def _positive(value: int | None, option: str) -> None:
+    if value is not None and value <= 0:
+        raise AutocompError(f"{option} must be positive, not {value}")
+
+
+def _setup_torch() -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from autocomp.baseline import ModelSource
+    from autocomp.data import load_data
+    from autocomp.train import evaluate, train
+
+    _positive(args.epochs, "--epochs")
+    _setup_torch()
+    data = load_data(args.data, image_size=args.image_size)
+    source = ModelSource(args.model, args.num_classes or data.num_classes, data.sample_shape[0],
+                         data.sample_shape[-1], args.adapt_stem, args.weights)
+    model = source.build()
+    if args.out.is_dir():
+        raise AutocompError(f"--out {args.out} is a folder; give a file path such as model.pt")
+    print(f"training {args.model} on {args.data}: {len(data.train)} train / {len(data.val)} val "
+          f"/ {len(data.test)} test images, {args.epochs} epochs")
+    train(model, data.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+          seed=args.seed)
+    val, test = evaluate(model, data.val), evaluate(model, data.test)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.out)
+    print(f"val accuracy {val:.2%}, test accuracy {test:.2%}; saved {args.out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from autocomp.baseline import ModelSource
+    from autocomp.inventory import build_inventory
+    from autocomp.units import parse_shape
+
+    shape = parse_shape(args.input_shape)
+    default_classes = 10 if args.model.startswith("demo-") else 1000
+    source = ModelSource(args.model, args.num_classes or default_classes, shape[1], shape[-1],
+                         args.adapt_stem, args.weights)
+    inventory = build_inventory(source.build(), shape)
+    if args.json:
+        print(json.dumps(inventory.to_json(), indent=2))
+        return 0
+    rows = [("layer", "kind", "input", "output", "params", "MACs", "act bytes", "prune group")]
+    for layer in inventory.layers:
+        group = "output" if layer.is_output else (layer.prune_group or "-")
+        rows.append((layer.name, layer.kind, "x".join(map(str, layer.in_shape)),
+                     "x".join(map(str, layer.out_shape)), format_count(layer.params),
+                     format_count(layer.macs), format_bytes(layer.act_bytes), group))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print(f"\ntotal: {inventory.params:,} params ({format_count(inventory.params)}), "
+          f"{inventory.macs:,} MACs ({format_count(inventory.macs)}) in conv/linear layers, "
+          f"{format_bytes(inventory.act_bytes)} of layer outputs, {len(inventory.layers)} layers")
+    for note in inventory.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from autocomp.hardware.profiles import available_profiles, load_profile
+
+    profiles = [load_profile(name) for name in available_profiles()]
+    if args.json:
+        print(json.dumps([{"name": p.name, "description": p.description, "source": str(p.source),
+                           "latency": "measured" if p.measured else "estimated",
+                           "how": p.how(), "tvm_target": p.tvm_target} for p in profiles],
+                         indent=2))
+        return 0
+    for p in profiles:
+        print(f"{p.name:<12} {'measured' if p.measured else 'estimated':<9} {p.how()}")
+        print(f"{'':<12} {p.description}; profile {p.source}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from autocomp.baseline import ModelSource, cached_baseline
+    from autocomp.data import load_data
+    from autocomp.export import export_trial
+    from autocomp.hardware.profiles import load_profile
+    from autocomp.search.driver import run_search
+    from autocomp.search.run import RunSettings, check_name
+    from autocomp.search.space import load_space
+    from autocomp.units import parse_budget
+
+    demo = args.model is None and args.data is None
+    model_spec = args.model or DEMO_MODEL
+    data_spec = args.data or DEMO_DATA
+    trials = args.trials if args.trials is not None else (DEMO_TRIALS if demo else 20)
+    budget_text = args.budget if args.budget is not None else (DEMO_BUDGET if demo else None)
+    for value, option in ((trials, "--trials"), (args.finetune_steps, "--finetune-steps"),
+                          (args.train_subset, "--train-subset"), (args.val_subset, "--val-subset"),
+                          (args.baseline_epochs, "--baseline-epochs")):
+        _positive(value, option)
+    budget = parse_budget(budget_text) if budget_text else None
+    profile = load_profile(args.target)
+    space = load_space(args.space)
+    if args.finetune_steps:
+        from dataclasses import replace
+
+        space = replace(space, finetune=replace(space.finetune, steps=args.finetune_steps))
+    name = check_name(args.name or f"{model_spec.split(':')[-1].replace('.py', '')}-{profile.name}")
+    _setup_torch()
+    data = load_data(data_spec, image_size=args.image_size)
+    weights = str(Path(args.weights).resolve()) if args.weights else None
+    source = ModelSource(model_spec, args.num_classes or data.num_classes, data.sample_shape[0],
+                         data.sample_shape[-1], args.adapt_stem, weights)
+    source.build()  # fail fast on a bad spec or weights, before anything is written
+    if demo:
+        print(f"demo: compressing {model_spec} on Fashion-MNIST for target {profile.name} "
+              f"({profile.how()}), budget {budget_text}, {trials} trials")
+    if source.weights is None:
+        source, _ = cached_baseline(source, data, args.baseline_epochs)
+    settings = RunSettings(name, source, data_spec, profile.name, space.name,
+                           budget.text if budget else None, trials, args.seed, args.train_subset,
+                           args.val_subset)
+    outcome = run_search(settings, args.runs_dir, data, profile, space, budget)
+    if demo and not args.no_export and outcome.best is not None:
+        out = outcome.run_dir / "export" / f"trial-{outcome.best.number}"
+        export_trial(outcome.run_dir, settings, outcome.best.number, out, force=True)
+        print(f"exported trial {outcome.best.number} to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from autocomp.export import choose_trial, export_trial
+    from autocomp.search.driver import open_study
+    from autocomp.search.run import load_settings, run_dir
+
+    folder = run_dir(args.runs_dir, args.run)
+    settings = load_settings(folder)
+    number = choose_trial(open_study(folder, settings, create=False), args.trial)
+    out = args.out or folder / "export" / f"trial-{number}"
+    record = export_trial(folder, settings, number, out, force=args.force)
+    latency = record["latency"]
+    print(f"exported trial {number} of {args.run} to {out}: val {record['val_acc']:.2%}, "
+          f"latency {format_seconds(latency['median_s'])} {latency['provenance']}")
+    return 0

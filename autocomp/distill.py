@@ -1,0 +1,62 @@
+"""Short fine-tuning of a compressed model with knowledge distillation from the original.
+
+The loss is Hinton et al.'s: ``alpha * T^2 * KL(student_T || teacher_T) +
+(1 - alpha) * CE(student, labels)``, where ``_T`` means softmax at temperature T.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from autocomp.data import make_loader
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How long and how hard a compressed model is fine-tuned."""
+
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """Distillation loss on softened logits plus cross-entropy on the labels."""
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.softmax(teacher_logits / temperature, dim=1), reduction="batchmean")
+    return alpha * temperature**2 * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def finetune(student: nn.Module, teacher: nn.Module, dataset: Dataset, config: FinetuneConfig,
+             *, seed: int = 0, on_step: Callable[[int], None] | None = None) -> nn.Module:
+    """Fine-tune ``student`` in place for ``config.steps`` steps; the teacher stays frozen."""
+    if config.steps <= 0:
+        return student.eval()
+    torch.manual_seed(seed)
+    teacher.eval()
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=1e-4)
+    step = 0
+    while step < config.steps:
+        for images, labels in make_loader(dataset, config.batch_size, shuffle=True, seed=seed + step):
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+            loss = kd_loss(student(images), teacher_logits, labels, config.temperature, config.alpha)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss became {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if on_step is not None:
+                on_step(step)
+            if step >= config.steps:
+                break
+    return student.eval()

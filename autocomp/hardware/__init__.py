@@ -1,0 +1,1 @@
+"""Hardware side: target profiles, lowering to TVM, and latency measurement."""

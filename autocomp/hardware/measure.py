@@ -1,0 +1,110 @@
+"""Latency measurement behind a small interface, and the record every figure carries.
+
+A ``Latency`` always says how it was obtained (its ``provenance``); the search
+stores it with the trial and every table and plot prints it.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from torch import nn
+
+from autocomp.errors import AutocompError
+from autocomp.hardware.lower import compile_model, export_library
+from autocomp.hardware.profiles import HardwareProfile
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One model's latency on one target, with its spread and how it was obtained."""
+
+    median_s: float
+    p10_s: float
+    p90_s: float
+    samples: int
+    kind: str  # "measured" or "estimated"
+    provenance: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Measurer(Protocol):
+    """Anything that can give a model's latency on a target."""
+
+    def measure(self, model: nn.Module, input_shape: tuple[int, ...]) -> Latency: ...
+
+    def close(self) -> None: ...
+
+
+class LocalMeasurer:
+    """Compiles with TVM here and times the module in a persistent worker process."""
+
+    def __init__(self, profile: HardwareProfile) -> None:
+        self.profile = profile
+        self._worker: subprocess.Popen | None = None
+
+    def measure(self, model: nn.Module, input_shape: tuple[int, ...]) -> Latency:
+        executable = compile_model(model, input_shape, self.profile)
+        with tempfile.TemporaryDirectory(prefix="autocomp-") as tmp:
+            library = export_library(executable, Path(tmp) / "model.so")
+            seconds = self._ask({"library": str(library), "shape": list(input_shape),
+                                 "repeat": self.profile.latency.repeat,
+                                 "min_repeat_ms": self.profile.latency.min_repeat_ms})
+        return self._summarise(seconds)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.stdin.close()
+            self._worker.wait(timeout=30)
+            self._worker = None
+
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ, TVM_NUM_THREADS=str(self.profile.latency.threads),
+                   OMP_NUM_THREADS=str(self.profile.latency.threads))
+        return subprocess.Popen([sys.executable, "-m", "autocomp.hardware.timer_worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def _ask(self, request: dict) -> list[float]:
+        for attempt in range(2):
+            if self._worker is None or self._worker.poll() is not None:
+                self._worker = self._start()
+            try:
+                self._worker.stdin.write(json.dumps(request) + "\n")
+                self._worker.stdin.flush()
+                line = self._worker.stdout.readline()
+            except BrokenPipeError:
+                line = ""
+            if line:
+                reply = json.loads(line)
+                if not reply["ok"]:
+                    raise AutocompError(f"timing failed: {reply['error']}")
+                return reply["seconds"]
+            self._worker = None  # the worker died (crash in the module): retry once
+            if attempt == 1:
+                raise AutocompError("the timing worker died twice while running the module")
+        raise AssertionError("unreachable")
+
+    def _summarise(self, seconds: list[float]) -> Latency:
+        deciles = statistics.quantiles(seconds, n=10, method="inclusive")
+        target = self.profile.tvm_target
+        provenance = (f"measured ({self.profile.name}: TVM {target['kind']} "
+                      f"{target.get('mcpu', '')}, {self.profile.latency.tuning}, "
+                      f"{self.profile.latency.threads} threads, median of {len(seconds)})")
+        return Latency(statistics.median(seconds), deciles[0], deciles[-1], len(seconds),
+                       "measured", provenance)
+
+
+def make_measurer(profile: HardwareProfile) -> Measurer:
+    """The measurer a profile asks for."""
+    if profile.latency.method == "local":
+        return LocalMeasurer(profile)
+    raise AutocompError(f"target {profile.name}: latency method {profile.latency.method!r} "
+                        "is not available")

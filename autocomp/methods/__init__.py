@@ -1,0 +1,86 @@
+"""Compression methods: one config dataclass per technique and a handler registered for it.
+
+A plan maps layer names to configs; ``apply_plan`` runs each config type's
+handler over the layers that chose it, in the order of the configs' ``stage``
+(structural surgery such as pruning before per-layer rewrites).
+"""
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from autocomp.inventory import Inventory, LayerInfo
+
+
+@dataclass
+class ApplyContext:
+    """What handlers may need besides the model: the inventory and an example input."""
+
+    inventory: Inventory
+    example: torch.Tensor
+    channel_multiple: int = 1
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config; subclasses are frozen dataclasses."""
+
+    method: ClassVar[str]
+    stage: ClassVar[int]
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the parameter when a value is out of range."""
+
+    @classmethod
+    def ineligible(cls, layer: LayerInfo) -> str | None:
+        """Why this method cannot apply to ``layer``, or None when it can."""
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, **asdict(self)}
+
+
+Handler = Callable[[nn.Module, dict[str, Any], ApplyContext], None]
+METHODS: dict[str, type[MethodConfig]] = {}
+HANDLERS: dict[type[MethodConfig], Handler] = {}
+
+
+def register_method(config_cls: type[MethodConfig]) -> Callable[[Handler], Handler]:
+    """Register ``config_cls`` under its method name and the decorated function as its handler."""
+
+    def decorate(handler: Handler) -> Handler:
+        METHODS[config_cls.method] = config_cls
+        HANDLERS[config_cls] = handler
+        return handler
+
+    return decorate
+
+
+def config_from_json(data: dict[str, Any]) -> MethodConfig:
+    """Build a method config from its JSON form; ``ValueError`` names what is wrong."""
+    if not isinstance(data, dict) or "method" not in data:
+        raise ValueError("a layer choice needs a 'method'")
+    method = data["method"]
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+    cls = METHODS[method]
+    known = {f.name for f in fields(cls)}
+    extra = sorted(set(data) - known - {"method"})
+    if extra:
+        raise ValueError(f"method {method!r} has no parameter {extra[0]!r}")
+    try:
+        config = cls(**{k: v for k, v in data.items() if k != "method"})
+    except TypeError as err:
+        raise ValueError(f"method {method!r}: {err}") from None
+    config.check()
+    return config
+
+
+# Importing the method modules registers their handlers.
+from autocomp.methods import lowrank, prune  # noqa: E402
+
+__all__ = ["HANDLERS", "METHODS", "ApplyContext", "MethodConfig", "config_from_json",
+           "lowrank", "prune", "register_method"]

@@ -1,0 +1,1 @@
+"""The Optuna search over compression plans: space, trial evaluation, study, Pareto front."""

@@ -1,0 +1,99 @@
+"""One trial: sample a plan, compress, fine-tune with distillation, score, measure latency."""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from autocomp.compress import apply_plan, count_params
+from autocomp.distill import finetune
+from autocomp.hardware.measure import Measurer
+from autocomp.hardware.profiles import HardwareProfile
+from autocomp.inventory import Inventory, build_inventory
+from autocomp.search.space import SearchSpace
+from autocomp.train import evaluate
+
+BYTES_PER_PARAM = 4  # fp32 weights; quantized sizes come with the quantization methods
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one search shares."""
+
+    teacher: nn.Module
+    inventory: Inventory
+    space: SearchSpace
+    profile: HardwareProfile
+    measurer: Measurer
+    train: Dataset
+    val: Dataset
+    budget_s: float | None
+    run_dir: Path
+    seed: int = 0
+
+
+class TrialObjective:
+    """Optuna objective returning (val accuracy, latency in ms, parameter count)."""
+
+    def __init__(self, ctx: TrialContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
+        ctx = self.ctx
+        folder = ctx.run_dir / "trials" / str(trial.number)
+        folder.mkdir(parents=True, exist_ok=True)
+        plan = ctx.space.suggest_plan(trial, ctx.inventory)
+        plan.save(folder / "plan.json")
+        trial.set_user_attr("plan", plan.to_json())
+        trial.set_user_attr("plan_summary", plan.describe())
+        timings = {}
+
+        start = time.perf_counter()
+        model = apply_plan(ctx.teacher, plan, ctx.inventory,
+                           channel_multiple=ctx.profile.channel_multiple)
+        timings["apply_s"] = time.perf_counter() - start
+        if plan.layers:
+            start = time.perf_counter()
+            finetune(model, ctx.teacher, ctx.train, ctx.space.finetune, seed=ctx.seed + trial.number)
+            timings["finetune_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        accuracy = evaluate(model, ctx.val)
+        timings["eval_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        latency = ctx.measurer.measure(model, tuple(ctx.inventory.input_shape))
+        timings["measure_s"] = time.perf_counter() - start
+
+        params = count_params(model)
+        macs = build_inventory(model, tuple(ctx.inventory.input_shape), coupling=False).macs
+        feasible = ctx.budget_s is None or latency.median_s <= ctx.budget_s
+        metrics = {
+            "trial": trial.number,
+            "plan_digest": plan.digest(),
+            "plan_summary": plan.describe(),
+            "val_acc": accuracy,
+            "latency": latency.to_json(),
+            "params": params,
+            "macs": macs,
+            "size_bytes": params * BYTES_PER_PARAM,
+            "size_note": "fp32 weights",
+            "budget_s": ctx.budget_s,
+            "feasible": feasible,
+            "finetune_steps": ctx.space.finetune.steps if plan.layers else 0,
+            "timings": timings,
+        }
+        torch.save(model.state_dict(), folder / "model.pt")
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        for key in ("val_acc", "params", "macs", "size_bytes", "feasible"):
+            trial.set_user_attr(key, metrics[key])
+        trial.set_user_attr("latency", latency.to_json())
+        # The budget is an Optuna constraint (feasible when <= 0), which the samplers
+        # respect, rather than a penalty folded into the objectives.
+        slack = 0.0 if ctx.budget_s is None else latency.median_s - ctx.budget_s
+        trial.set_constraint("latency_over_budget_s", slack)
+        return accuracy, latency.median_s * 1e3, float(params)
+

@@ -1,0 +1,129 @@
+"""Trial results, their Pareto front, and how the front is shown: table, CSV, plot."""
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from autocomp.units import format_bytes, format_count, format_seconds
+
+
+@dataclass
+class TrialResult:
+    """A finished trial as the reports see it."""
+
+    number: int
+    val_acc: float
+    latency_s: float
+    latency_p10_s: float
+    latency_p90_s: float
+    provenance: str
+    params: int
+    macs: int
+    size_bytes: int
+    feasible: bool
+    plan_summary: str
+    test_acc: float | None = None
+
+
+def collect(study: optuna.Study) -> list[TrialResult]:
+    """Every completed trial of the study."""
+    results = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        latency = attrs["latency"]
+        results.append(TrialResult(
+            trial.number, attrs["val_acc"], latency["median_s"], latency["p10_s"],
+            latency["p90_s"], latency["provenance"], attrs["params"], attrs["macs"],
+            attrs["size_bytes"], attrs["feasible"], attrs["plan_summary"]))
+    return results
+
+
+def _dominates(a: TrialResult, b: TrialResult) -> bool:
+    no_worse = (a.val_acc >= b.val_acc and a.latency_s <= b.latency_s and a.params <= b.params)
+    better = (a.val_acc > b.val_acc or a.latency_s < b.latency_s or a.params < b.params)
+    return no_worse and better
+
+
+def pareto_front(results: list[TrialResult]) -> list[TrialResult]:
+    """Non-dominated results (accuracy up, latency and parameters down), by latency."""
+    front = [r for r in results if not any(_dominates(o, r) for o in results if o is not r)]
+    return sorted(front, key=lambda r: (r.latency_s, -r.val_acc))
+
+
+def best_feasible(results: list[TrialResult]) -> TrialResult | None:
+    """The most accurate trial that meets the budget (fastest among ties)."""
+    feasible = [r for r in results if r.feasible]
+    return max(feasible, key=lambda r: (r.val_acc, -r.latency_s)) if feasible else None
+
+
+def format_table(rows: list[TrialResult], baseline_latency_s: float | None = None) -> str:
+    """A fixed-width table of results."""
+    header = (f"{'trial':>5}  {'val acc':>7}  {'test acc':>8}  {'latency':>10}  {'p10-p90':>17}  "
+              f"{'speedup':>7}  {'params':>7}  {'MACs':>7}  {'size':>8}  {'budget':>6}  plan")
+    lines = [header]
+    for r in rows:
+        test = f"{r.test_acc:.2%}" if r.test_acc is not None else "-"
+        spread = f"{format_seconds(r.latency_p10_s)}-{format_seconds(r.latency_p90_s)}"
+        speedup = f"{baseline_latency_s / r.latency_s:.2f}x" if baseline_latency_s else "-"
+        lines.append(
+            f"{r.number:>5}  {r.val_acc:>7.2%}  {test:>8}  {format_seconds(r.latency_s):>10}  "
+            f"{spread:>17}  {speedup:>7}  {format_count(r.params):>7}  {format_count(r.macs):>7}  "
+            f"{format_bytes(r.size_bytes):>8}  {'ok' if r.feasible else 'over':>6}  "
+            f"{r.plan_summary}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[TrialResult], path: Path) -> None:
+    """The front as CSV, one row per trial, latency provenance included."""
+    columns = list(TrialResult.__dataclass_fields__)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({name: getattr(row, name) for name in columns})
+
+
+def plot_front(results: list[TrialResult], front: list[TrialResult], path: Path, *, title: str,
+               budget_s: float | None, baseline: TrialResult | None) -> None:
+    """Accuracy against latency: every trial, the front as a step line, the budget, the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    largest = max(r.params for r in results)
+
+    def sizes(rows: list[TrialResult]) -> list[float]:
+        return [30 + 220 * r.params / largest for r in rows]
+
+    for feasible, colour, label in ((True, "tab:blue", "trial within budget"),
+                                    (False, "lightgray", "trial over budget")):
+        rows = [r for r in results if r.feasible == feasible]
+        if rows:
+            ax.scatter([r.latency_s * 1e3 for r in rows], [r.val_acc * 100 for r in rows],
+                       s=sizes(rows), c=colour, edgecolors="black", linewidths=0.4, alpha=0.8,
+                       label=label, zorder=2)
+    ax.step([r.latency_s * 1e3 for r in front], [r.val_acc * 100 for r in front], where="post",
+            color="tab:red", linewidth=1.5, label="Pareto front (acc, latency, params)", zorder=3)
+    ax.scatter([r.latency_s * 1e3 for r in front], [r.val_acc * 100 for r in front],
+               s=sizes(front), facecolors="none", edgecolors="tab:red", linewidths=1.5, zorder=4)
+    if baseline is not None:
+        ax.scatter([baseline.latency_s * 1e3], [baseline.val_acc * 100], marker="*", s=260,
+                   c="gold", edgecolors="black", label="uncompressed model", zorder=5)
+    if budget_s is not None:
+        ax.axvline(budget_s * 1e3, color="tab:green", linestyle="--",
+                   label=f"budget {format_seconds(budget_s)}")
+    for r in front:
+        ax.annotate(f"#{r.number}", (r.latency_s * 1e3, r.val_acc * 100),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"latency, ms - {results[0].provenance}", fontsize=8)
+    ax.set_ylabel("validation accuracy, %")
+    ax.set_title(title + "\n(marker area ~ parameter count)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

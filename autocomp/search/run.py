@@ -1,0 +1,78 @@
+"""A search run's folder and its settings file (``runs/RUN/run.json``)."""
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autocomp.baseline import ModelSource
+from autocomp.errors import AutocompError
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Settings that must not change when a run is resumed: they define what the trials mean.
+FIXED_ON_RESUME = ("model", "data", "target", "space", "budget", "seed", "train_subset",
+                   "val_subset")
+
+
+@dataclass
+class RunSettings:
+    """What a search run was asked to do; saved so it can be resumed and exported."""
+
+    name: str
+    model: ModelSource
+    data: str
+    target: str
+    space: str
+    budget: str | None
+    trials: int
+    seed: int = 0
+    train_subset: int | None = None
+    val_subset: int | None = None
+    baseline: dict[str, Any] = field(default_factory=dict)  # accuracy, latency, budget_s
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, self.model.in_channels, self.model.input_size, self.model.input_size)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunSettings":
+        return cls(**{**data, "model": ModelSource(**data["model"])})
+
+
+def check_name(name: str) -> str:
+    if not RUN_NAME.match(name):
+        raise AutocompError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'")
+    return name
+
+
+def run_dir(runs_root: Path, name: str) -> Path:
+    return runs_root / check_name(name)
+
+
+def load_settings(folder: Path) -> RunSettings:
+    """The settings of an existing run; a one-line error when there is none."""
+    path = folder / "run.json"
+    if not path.is_file():
+        raise AutocompError(f"no search run at {folder} (expected {path})")
+    return RunSettings.from_json(json.loads(path.read_text()))
+
+
+def save_settings(folder: Path, settings: RunSettings) -> None:
+    temporary = folder / "run.json.tmp"
+    temporary.write_text(json.dumps(settings.to_json(), indent=2) + "\n")
+    temporary.replace(folder / "run.json")
+
+
+def check_resumable(saved: RunSettings, wanted: RunSettings) -> None:
+    """Refuse to resume a run with settings that would change what its trials mean."""
+    old, new = saved.to_json(), wanted.to_json()
+    for key in FIXED_ON_RESUME:
+        if old[key] != new[key]:
+            raise AutocompError(
+                f"run {saved.name!r} exists with {key} = {json.dumps(old[key])}, not "
+                f"{json.dumps(new[key])}: rerun with the same settings to resume, or pick a new --name"
+            )

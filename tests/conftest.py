@@ -1,0 +1,51 @@
+"""Shared fixtures: real Fashion-MNIST and a briefly trained demo network."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from autocomp.data import DataSplits, load_data, take
+
+torch.set_num_threads(os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Baselines trained by tests are cached in a temporary folder, not the user's cache."""
+    os.environ["AUTOCOMP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def fmnist() -> DataSplits:
+    """Debian's Fashion-MNIST (CI installs dataset-fashion-mnist)."""
+    return load_data("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def trained_resnet(fmnist: DataSplits, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """demo-resnet trained for one epoch on 8,000 images (about 89% of what 4 epochs reach)."""
+    from autocomp.models import build_model
+    from autocomp.train import train
+
+    model = build_model("demo-resnet", num_classes=10, in_channels=1)
+    train(model, take(fmnist.train, 8000), epochs=1, progress=False)
+    path = tmp_path_factory.mktemp("weights") / "demo-resnet.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Run ``autocomp ARGS`` in-process from an empty folder; returns (code, stdout, stderr)."""
+    from autocomp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

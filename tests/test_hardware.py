@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autocomp.errors import AutocompError
+from autocomp.hardware.lower import compile_model, export_library
+from autocomp.hardware.measure import make_measurer
+from autocomp.hardware.profiles import available_profiles, load_profile
+from autocomp.models import build_model
+
+
+def test_host_profile_is_measured_locally() -> None:
+    profile = load_profile("host")
+    assert "host" in available_profiles()
+    assert profile.measured and profile.latency.threads >= 1
+    assert profile.tvm_target["kind"] == "llvm" and profile.tvm_target["mcpu"] != "auto"
+
+
+def test_unknown_target() -> None:
+    with pytest.raises(AutocompError, match="unknown target 'phone'"):
+        load_profile("phone")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name: bad\n", r"bad\.yaml: channel_multiple: missing"),
+    ("name: other\ndescription: x\ntvm_target: {kind: llvm}\nlatency: {method: local, threads: 1,"
+     " tuning: untuned}\nchannel_multiple: 1\n", "name: 'other' does not match"),
+    ("name: bad\ndescription: x\ntvm_target: {kind: llvm}\nlatency: {method: local, threads: 0,"
+     " tuning: untuned}\nchannel_multiple: 1\n", "latency.threads: must be"),
+    ("name: bad\ndescription: x\ntvm_target: {kind: llvm, colour: red}\nlatency: {}\n"
+     "channel_multiple: 1\n", "tvm_target.colour: unknown key"),
+    ("name: bad\ndescription: [x\n", "not valid YAML"),
+])
+def test_bad_profiles_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(AutocompError, match=message):
+        load_profile(str(path))
+
+
+def test_compiled_module_matches_pytorch(tmp_path: Path) -> None:
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    torch.manual_seed(0)
+    model = build_model("demo-mobilenetv2", num_classes=10, in_channels=1).eval()
+    library = export_library(compile_model(model, (1, 1, 28, 28), load_profile("host")),
+                             tmp_path / "m.so")
+    vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    x = torch.randn(1, 1, 28, 28)
+    got = vm["main"](tvm.runtime.tensor(x.numpy(), tvm.cpu()))[0].numpy()
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
+
+
+def test_measured_latency_carries_its_provenance() -> None:
+    profile = load_profile("host")
+    measurer = make_measurer(profile)
+    try:
+        small = measurer.measure(build_model("demo-mobilenetv2", num_classes=10, in_channels=1),
+                                 (1, 1, 28, 28))
+        large = measurer.measure(build_model("demo-resnet", num_classes=10, in_channels=1),
+                                 (1, 1, 56, 56))
+    finally:
+        measurer.close()
+    assert small.kind == "measured" and small.samples == profile.latency.repeat
+    assert 0 < small.p10_s <= small.median_s <= small.p90_s
+    assert "untuned" in small.provenance and "host" in small.provenance
+    assert f"{profile.latency.threads} threads" in small.provenance
+    # the ResNet at 4x the pixels does about 7x the MACs: it must measure slower
+    assert large.median_s > small.median_s

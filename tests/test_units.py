@@ -1,0 +1,32 @@
+import pytest
+
+from autocomp.errors import AutocompError
+from autocomp.units import parse_budget, parse_shape
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("20ms", 0.020), ("1.5s", 1.5), ("800us", 0.0008), (" 5 ms ", 0.005), (".5ms", 0.0005),
+])
+def test_budget_parses_absolute_times(text: str, seconds: float) -> None:
+    budget = parse_budget(text)
+    assert budget.seconds == pytest.approx(seconds)
+    assert budget.resolve(123.0) == pytest.approx(seconds)
+
+
+def test_budget_percentage_is_relative_to_the_uncompressed_model() -> None:
+    budget = parse_budget("60%")
+    assert budget.fraction == pytest.approx(0.6)
+    assert budget.resolve(0.010) == pytest.approx(0.006)
+
+
+@pytest.mark.parametrize("text", ["20 parsecs", "fast", "-3ms", "0ms", "20", "ms", "150%"])
+def test_bad_budgets_are_rejected(text: str) -> None:
+    with pytest.raises(AutocompError):
+        parse_budget(text)
+
+
+def test_shapes() -> None:
+    assert parse_shape("1,3,224,224") == (1, 3, 224, 224)
+    for bad in ("1,3,x", "224", "1,0,3"):
+        with pytest.raises(AutocompError):
+            parse_shape(bad)
