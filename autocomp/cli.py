@@ -228,9 +228,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     source = ModelSource(model_spec, args.num_classes or data.num_classes, data.sample_shape[0],
                          data.sample_shape[-1], args.adapt_stem, weights)
     source.build()  # fail fast on a bad spec or weights, before anything is written
-    if demo:
-        print(f"demo: compressing {model_spec} on Fashion-MNIST for target {profile.name} "
-              f"({profile.how()}), budget {budget_text}, {trials} trials")
+    print(f"{'demo' if demo else 'search'}: compressing {model_spec} on {data_spec} for target "
+          f"{profile.name}, budget {budget_text or 'none'}, {trials} trials, space {space.name}; "
+          f"latency {profile.how()}")
     if source.weights is None:
         source, _ = cached_baseline(source, data, args.baseline_epochs)
     settings = RunSettings(name, source, data_spec, profile.name, space.name,

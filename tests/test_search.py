@@ -69,3 +69,29 @@ def test_search_resume_and_export(cli, tmp_path: Path, trained_resnet: Path) -> 
 
     code, _, err = cli("export", "e2e", "--trial", "0")
     assert code == 2 and "--force" in err
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(cli, tmp_path: Path, trained_resnet: Path,
+                                                             monkeypatch) -> None:
+    from autocomp.hardware.measure import LocalMeasurer
+
+    real_measure = LocalMeasurer.measure
+    calls = {"n": 0}
+
+    def flaky_measure(self, model, shape):
+        calls["n"] += 1
+        if calls["n"] == 3:  # baseline, trial 0, then trial 1 fails
+            raise RuntimeError("device fell off the bus")
+        return real_measure(self, model, shape)
+
+    monkeypatch.setattr(LocalMeasurer, "measure", flaky_measure)
+    code, out, err = cli(*_search_args(trained_resnet, 2))
+    assert code == 0, err
+    assert "trial   1: failed: RuntimeError: device fell off the bus" in out
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'runs/e2e/study.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    assert study.trials[1].state == optuna.trial.TrialState.FAIL
+    assert study.trials[1].user_attrs["fail_reason"] == "RuntimeError: device fell off the bus"
+    failed = json.loads((tmp_path / "runs/e2e/trials/1/metrics.json").read_text())
+    assert failed["failed"].startswith("RuntimeError")

@@ -146,7 +146,7 @@ def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int,
                 f"[{attrs['plan_summary']}]  ({seconds:.0f} s)")
         else:
             failures += 1
-            reason = trial.system_attrs.get("fail_reason", "unknown").strip().splitlines()[-1]
+            reason = trial.user_attrs.get("fail_reason", "unknown reason")
             bar.write(f"trial {trial.number:>3}: failed: {reason}")
             if failures >= max(3, wanted):
                 bar.close()

@@ -44,9 +44,20 @@ class TrialObjective:
         self.ctx = ctx
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
-        ctx = self.ctx
-        folder = ctx.run_dir / "trials" / str(trial.number)
+        folder = self.ctx.run_dir / "trials" / str(trial.number)
         folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._evaluate(trial, folder)
+        except Exception as err:
+            # Optuna records the failure but not why: keep the reason with the trial.
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            trial.set_user_attr("fail_reason", reason)
+            (folder / "metrics.json").write_text(
+                json.dumps({"trial": trial.number, "failed": reason}, indent=2) + "\n")
+            raise
+
+    def _evaluate(self, trial: optuna.Trial, folder: Path) -> tuple[float, float, float]:
+        ctx = self.ctx
         plan = ctx.space.suggest_plan(trial, ctx.inventory)
         plan.save(folder / "plan.json")
         trial.set_user_attr("plan", plan.to_json())
