@@ -85,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="demo only: skip exporting the best trial")
     search.add_argument("--runs-dir", type=Path, default=Path("runs"))
 
+    compress = commands.add_parser("compress", help="apply a plan (JSON) to a model and fine-tune it")
+    _add_model_args(compress, model_required=True)
+    _add_data_args(compress, required=True)
+    compress.add_argument("--plan", required=True, type=Path, help="compression plan (JSON)")
+    compress.add_argument("--out", required=True, type=Path, help="output folder")
+    compress.add_argument("--finetune-steps", type=int, default=200,
+                          help="KD fine-tuning steps after compression (0: none)")
+    compress.add_argument("--calib-images", type=int, default=512,
+                          help="training images used for calibration and initialisation")
+    compress.add_argument("--channel-multiple", type=int, default=1,
+                          help="round kept channel counts to this multiple")
+    compress.add_argument("--seed", type=int, default=0)
+    compress.add_argument("--force", action="store_true", help="replace an existing output folder")
+
     export = commands.add_parser("export", help="export a trial as a deployable TVM module")
     export.add_argument("run", help="run name (a folder under --runs-dir)")
     export.add_argument("--trial", default="best", help="trial number or 'best' (default)")
@@ -99,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"train": cmd_train, "inspect": cmd_inspect, "targets": cmd_targets,
-                   "search": cmd_search, "export": cmd_export}[args.command]
+                   "search": cmd_search, "compress": cmd_compress, "export": cmd_export}[args.command]
         return handler(args) or 0
     except AutocompError as err:
         print(f"autocomp: error: {err}", file=sys.stderr)
@@ -241,6 +255,63 @@ def cmd_search(args: argparse.Namespace) -> int:
         out = outcome.run_dir / "export" / f"trial-{outcome.best.number}"
         export_trial(outcome.run_dir, settings, outcome.best.number, out, force=True)
         print(f"exported trial {outcome.best.number} to {out}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from autocomp.baseline import ModelSource
+    from autocomp.compress import apply_plan, count_params, size_bytes
+    from autocomp.data import load_data, make_loader, take
+    from autocomp.distill import FinetuneConfig, finetune
+    from autocomp.inventory import build_inventory
+    from autocomp.plan import CompressionPlan
+    from autocomp.staging import refuse_existing, staged_folder
+    from autocomp.train import evaluate
+
+    for value, option in ((args.calib_images, "--calib-images"),
+                          (args.channel_multiple, "--channel-multiple")):
+        _positive(value, option)
+    if args.finetune_steps < 0:
+        raise AutocompError(f"--finetune-steps must be 0 or more, not {args.finetune_steps}")
+    refuse_existing(args.out, args.force)
+    plan = CompressionPlan.load(args.plan)
+    _setup_torch()
+    data = load_data(args.data, image_size=args.image_size)
+    weights = str(Path(args.weights).resolve()) if args.weights else None
+    source = ModelSource(args.model, args.num_classes or data.num_classes, data.sample_shape[0],
+                         data.sample_shape[-1], args.adapt_stem, weights)
+    model = source.build()
+    shape = (1, *data.sample_shape)
+    inventory = build_inventory(model, shape)
+    plan.validate(inventory)  # before any work
+    calib = make_loader(take(data.train, args.calib_images, args.seed), 64, shuffle=False)
+    compressed = apply_plan(model, plan, inventory, channel_multiple=args.channel_multiple,
+                            calib=calib)
+    rows = {"before": (model, evaluate(model, data.val)),
+            "compressed": (compressed, evaluate(compressed, data.val))}
+    if args.finetune_steps:
+        print(f"fine-tuning {args.finetune_steps} steps with distillation from the original ...")
+        torch.manual_seed(args.seed)
+        finetune(compressed, model, data.train, FinetuneConfig(steps=args.finetune_steps),
+                 seed=args.seed)
+        rows["fine-tuned"] = (compressed, evaluate(compressed, data.val))
+    report = {}
+    print(f"{'':<11} {'params':>9} {'MACs':>9} {'size':>9} {'val acc':>8}")
+    for label, (net, accuracy) in rows.items():
+        figures = {"params": count_params(net), "macs": build_inventory(net, shape, coupling=False).macs,
+                   "size_bytes": size_bytes(net), "val_acc": accuracy}
+        report[label] = figures
+        print(f"{label:<11} {format_count(figures['params']):>9} {format_count(figures['macs']):>9} "
+              f"{format_bytes(figures['size_bytes']):>9} {accuracy:>8.2%}")
+    with staged_folder(args.out, force=args.force) as staging:
+        plan.save(staging / "plan.json")
+        torch.save(compressed.state_dict(), staging / "model.pt")
+        (staging / "compress.json").write_text(json.dumps(
+            {"model": source.spec, "weights": weights, "data": args.data, "plan_summary": plan.describe(),
+             "finetune_steps": args.finetune_steps, "figures": report}, indent=2) + "\n")
+    print(f"wrote {args.out}/plan.json, model.pt and compress.json")
     return 0
 
 

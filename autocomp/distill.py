@@ -34,6 +34,33 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return alpha * temperature**2 * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
 
 
+def _call_hooks(model: nn.Module, name: str) -> list:
+    results = []
+    for module in model.modules():
+        hook = getattr(module, name, None)
+        if callable(hook):
+            results.append(hook())
+    return results
+
+
+def module_penalty(model: nn.Module) -> torch.Tensor | float:
+    """Loss terms compressed modules add to fine-tuning (e.g. an ADMM proximity term):
+    each may define ``penalty()`` returning a scalar tensor."""
+    return sum(_call_hooks(model, "penalty"), 0.0)
+
+
+def after_step(model: nn.Module) -> None:
+    """Let compressed modules restore their invariants after an optimizer step (a sparsity
+    mask, an ADMM dual update): each may define ``after_step()``."""
+    _call_hooks(model, "after_step")
+
+
+def finish_training(model: nn.Module) -> None:
+    """Let compressed modules settle at the end of fine-tuning (e.g. project onto the
+    quantization grid): each may define ``finish_training()``."""
+    _call_hooks(model, "finish_training")
+
+
 def finetune(student: nn.Module, teacher: nn.Module, dataset: Dataset, config: FinetuneConfig,
              *, seed: int = 0, on_step: Callable[[int], None] | None = None) -> nn.Module:
     """Fine-tune ``student`` in place for ``config.steps`` steps; the teacher stays frozen."""
@@ -49,14 +76,17 @@ def finetune(student: nn.Module, teacher: nn.Module, dataset: Dataset, config: F
             with torch.no_grad():
                 teacher_logits = teacher(images)
             loss = kd_loss(student(images), teacher_logits, labels, config.temperature, config.alpha)
+            loss = loss + module_penalty(student)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tuning loss became {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            after_step(student)
             step += 1
             if on_step is not None:
                 on_step(step)
             if step >= config.steps:
                 break
+    finish_training(student)
     return student.eval()

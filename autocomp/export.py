@@ -3,7 +3,6 @@ target, with the module's outputs checked against PyTorch on real samples."""
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,11 @@ from autocomp.inventory import build_inventory
 from autocomp.plan import CompressionPlan
 from autocomp.search.pareto import best_feasible, collect
 from autocomp.search.run import RunSettings
+from autocomp.staging import refuse_existing, staged_folder
 
 SAMPLES = 16
+# The exported module must agree with PyTorch to this fraction of the largest logit.
+RELATIVE_TOLERANCE = 1e-3
 
 
 def load_trial_model(run_dir: Path, settings: RunSettings, number: int) -> nn.Module:
@@ -59,21 +61,22 @@ def choose_trial(study: optuna.Study, which: str) -> int:
 def export_trial(run_dir: Path, settings: RunSettings, number: int, out: Path, *,
                  force: bool = False, log=print) -> dict:
     """Write plan.json, model.pt, model.so and export.json into ``out``, atomically."""
-    if out.exists() and any(out.iterdir()) and not force:
-        raise AutocompError(f"{out} exists and is not empty (use --force to replace it)")
+    refuse_existing(out, force)
     profile = load_profile(settings.target)
     model = load_trial_model(run_dir, settings, number)
     metrics = json.loads((run_dir / "trials" / str(number) / "metrics.json").read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out, force=force) as staging:
         shutil.copy(run_dir / "trials" / str(number) / "plan.json", staging / "plan.json")
         torch.save(model.state_dict(), staging / "model.pt")
         log(f"export: compiling trial {number} for {profile.name} with TVM ...")
         library = export_library(compile_model(model, settings.input_shape, profile),
                                  staging / "model.so")
-        max_diff = check_numerics(model, library, settings)
-        log(f"export: max |TVM - PyTorch| over {SAMPLES} validation images: {max_diff:.3g}")
+        max_diff, scale = check_numerics(model, library, settings)
+        log(f"export: max |TVM - PyTorch| over {SAMPLES} validation images: {max_diff:.3g} "
+            f"(largest |logit| {scale:.3g})")
+        if max_diff > RELATIVE_TOLERANCE * max(scale, 1.0):
+            raise AutocompError(f"export refused: the TVM module differs from PyTorch by {max_diff:.3g}, "
+                                f"over {RELATIVE_TOLERANCE:g} of the largest logit")
         record = {
             "run": settings.name, "trial": number, "target": profile.name,
             "tvm_target": profile.tvm_target, "input_shape": list(settings.input_shape),
@@ -86,17 +89,12 @@ def export_trial(run_dir: Path, settings: RunSettings, number: int, out: Path, *
                                   "tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())['main'](x)"},
         }
         (staging / "export.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return record
 
 
-def check_numerics(model: nn.Module, library: Path, settings: RunSettings) -> float:
-    """Largest absolute difference between the TVM module and PyTorch on validation images."""
+def check_numerics(model: nn.Module, library: Path, settings: RunSettings) -> tuple[float, float]:
+    """Largest absolute difference between the TVM module and PyTorch on validation images,
+    and the largest absolute PyTorch output (the scale the difference is judged against)."""
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
@@ -104,11 +102,12 @@ def check_numerics(model: nn.Module, library: Path, settings: RunSettings) -> fl
     vm = VirtualMachine(tvm.runtime.load_module(str(library)), device)
     samples = take(load_data(settings.data, image_size=settings.model.input_size).val, SAMPLES,
                    seed=1)
-    worst = 0.0
+    worst = scale = 0.0
     with torch.no_grad():
         for index in range(len(samples)):
             image = samples[index][0].unsqueeze(0)
             expected = model(image).numpy()
             got = vm["main"](tvm.runtime.tensor(image.numpy(), device))[0].numpy()
             worst = max(worst, float(np.abs(got - expected).max()))
-    return worst
+            scale = max(scale, float(np.abs(expected).max()))
+    return worst, scale

@@ -1,11 +1,14 @@
-"""``CompressionPlan``: which method, with which parameters, each layer gets.
+"""``CompressionPlan``: which methods, with which parameters, each layer gets.
 
-Layers not named keep their original form. Plans are JSON, hashable and
-versioned, so a trial's plan can be stored, compared and re-applied.
+Layers not named keep their original form. A layer takes one method or an
+ordered combination of methods of different stages (prune then quantize,
+factorise then quantize). Plans are JSON, hashable and versioned, so a trial's
+plan can be stored, compared and re-applied.
 """
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +22,32 @@ PLAN_VERSION = 1
 
 @dataclass(frozen=True)
 class CompressionPlan:
-    """Layer name -> method config; absent layers are kept as they are."""
+    """Layer name -> the method configs it takes, in stage order; absent layers are kept.
 
-    layers: dict[str, MethodConfig] = field(default_factory=dict)
+    The constructor also accepts a single config per layer.
+    """
+
+    layers: Mapping[str, tuple[MethodConfig, ...]] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
+    def __post_init__(self) -> None:
+        normalised = {}
+        for name, configs in self.layers.items():
+            configs = (configs,) if isinstance(configs, MethodConfig) else tuple(configs)
+            if configs:
+                normalised[name] = tuple(sorted(configs, key=lambda cfg: cfg.stage))
+        object.__setattr__(self, "layers", normalised)
+
     def to_json(self) -> dict[str, Any]:
+        def encode(configs: tuple[MethodConfig, ...]) -> Any:
+            return configs[0].to_json() if len(configs) == 1 else [c.to_json() for c in configs]
+
         return {"version": self.version,
-                "layers": {name: cfg.to_json() for name, cfg in sorted(self.layers.items())}}
+                "layers": {name: encode(cfgs) for name, cfgs in sorted(self.layers.items())}}
+
+    def configs(self) -> list[tuple[str, MethodConfig]]:
+        """Every (layer, config) pair of the plan."""
+        return [(name, cfg) for name, cfgs in self.layers.items() for cfg in cfgs]
 
     @classmethod
     def from_json(cls, data: Any, source: str = "plan") -> "CompressionPlan":
@@ -38,12 +59,18 @@ class CompressionPlan:
             raise AutocompError(f"{source}: plan version {version} is not {PLAN_VERSION}")
         layers = {}
         for name, choice in data["layers"].items():
-            if isinstance(choice, dict) and choice.get("method") == "keep":
-                continue
+            choices = choice if isinstance(choice, Sequence) and not isinstance(choice, str) else [choice]
             try:
-                layers[name] = config_from_json(choice)
+                configs = [config_from_json(c) for c in choices
+                           if not (isinstance(c, dict) and c.get("method") == "keep")]
             except ValueError as err:
                 raise AutocompError(f"{source}: layer {name!r}: {err}") from None
+            stages = [cfg.stage for cfg in configs]
+            if len(set(stages)) != len(stages):
+                methods = " and ".join(cfg.method for cfg in configs)
+                raise AutocompError(f"{source}: layer {name!r} cannot take {methods} together "
+                                    "(at most one method of each kind per layer)")
+            layers[name] = configs
         return cls(layers, version)
 
     def digest(self) -> str:
@@ -67,7 +94,7 @@ class CompressionPlan:
     def validate(self, inventory: Inventory) -> None:
         """Reject, before any work, a plan naming a missing layer or an ineligible method."""
         known = set(inventory.names)
-        for name, config in self.layers.items():
+        for name, config in self.configs():
             if name not in known:
                 raise AutocompError(f"plan names layer {name!r}, which the model does not have")
             reason = type(config).ineligible(inventory.layer(name))
@@ -79,6 +106,6 @@ class CompressionPlan:
         if not self.layers:
             return "uncompressed"
         counts: dict[str, int] = {}
-        for config in self.layers.values():
+        for _, config in self.configs():
             counts[config.method] = counts.get(config.method, 0) + 1
         return ", ".join(f"{method} x{count}" for method, count in sorted(counts.items()))

@@ -2,10 +2,14 @@
 
 A plan maps layer names to configs; ``apply_plan`` runs each config type's
 handler over the layers that chose it, in the order of the configs' ``stage``
-(structural surgery such as pruning before per-layer rewrites).
+(structural surgery such as pruning before per-layer rewrites). Stages:
+0 structural pruning, 1 factorisation or substitution, 2 fine-grained
+sparsity, 3 quantization.
 """
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -17,11 +21,13 @@ from autocomp.inventory import Inventory, LayerInfo
 
 @dataclass
 class ApplyContext:
-    """What handlers may need besides the model: the inventory and an example input."""
+    """What handlers may need besides the model: the inventory, an example input, the
+    channel multiple pruning rounds to, and calibration batches of (images, labels)."""
 
     inventory: Inventory
     example: torch.Tensor
     channel_multiple: int = 1
+    calib: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,10 @@ def config_from_json(data: dict[str, Any]) -> MethodConfig:
     return config
 
 
-# Importing the method modules registers their handlers.
-from autocomp.methods import lowrank, prune  # noqa: E402
+def _register_all() -> None:
+    """Import every module of this package: each registers its methods when imported."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
-__all__ = ["HANDLERS", "METHODS", "ApplyContext", "MethodConfig", "config_from_json",
-           "lowrank", "prune", "register_method"]
+
+_register_all()

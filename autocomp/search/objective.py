@@ -10,15 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from autocomp.compress import apply_plan, count_params
+from autocomp.compress import apply_plan, count_params, size_bytes
 from autocomp.distill import finetune
 from autocomp.hardware.measure import Measurer
 from autocomp.hardware.profiles import HardwareProfile
 from autocomp.inventory import Inventory, build_inventory
 from autocomp.search.space import SearchSpace
 from autocomp.train import evaluate
-
-BYTES_PER_PARAM = 4  # fp32 weights; quantized sizes come with the quantization methods
 
 
 @dataclass
@@ -90,8 +88,7 @@ class TrialObjective:
             "latency": latency.to_json(),
             "params": params,
             "macs": macs,
-            "size_bytes": params * BYTES_PER_PARAM,
-            "size_note": "fp32 weights",
+            "size_bytes": size_bytes(model),
             "budget_s": ctx.budget_s,
             "feasible": feasible,
             "finetune_steps": ctx.space.finetune.steps if plan.layers else 0,
