@@ -90,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(compress, required=True)
     compress.add_argument("--plan", required=True, type=Path, help="compression plan (JSON)")
     compress.add_argument("--out", required=True, type=Path, help="output folder")
-    compress.add_argument("--finetune-steps", type=int, default=200,
-                          help="KD fine-tuning steps after compression (0: none)")
-    compress.add_argument("--calib-images", type=int, default=512,
-                          help="training images used for calibration and initialisation")
+    compress.add_argument("--space", default="default",
+                          help="search space whose 'finetune' section sets the losses and schedule")
+    compress.add_argument("--finetune-steps", type=int,
+                          help="override the fine-tuning steps (0: no fine-tuning)")
+    compress.add_argument("--calib-images", type=int,
+                          help="training images used for calibration and initialisation (default 512)")
     compress.add_argument("--channel-multiple", type=int, default=1,
                           help="round kept channel counts to this multiple")
     compress.add_argument("--seed", type=int, default=0)
@@ -259,23 +261,29 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, replace
+
     import torch
 
     from autocomp.baseline import ModelSource
     from autocomp.compress import apply_plan, count_params, size_bytes
-    from autocomp.data import load_data, make_loader, take
-    from autocomp.distill import FinetuneConfig, finetune
+    from autocomp.data import calibration_loader, load_data
+    from autocomp.distill import finetune
     from autocomp.inventory import build_inventory
     from autocomp.plan import CompressionPlan
+    from autocomp.search.space import load_space
     from autocomp.staging import refuse_existing, staged_folder
     from autocomp.train import evaluate
 
     for value, option in ((args.calib_images, "--calib-images"),
                           (args.channel_multiple, "--channel-multiple")):
         _positive(value, option)
-    if args.finetune_steps < 0:
+    if args.finetune_steps is not None and args.finetune_steps < 0:
         raise AutocompError(f"--finetune-steps must be 0 or more, not {args.finetune_steps}")
     refuse_existing(args.out, args.force)
+    ft = load_space(args.space).finetune
+    if args.finetune_steps is not None:
+        ft = replace(ft, steps=args.finetune_steps)
     plan = CompressionPlan.load(args.plan)
     _setup_torch()
     data = load_data(args.data, image_size=args.image_size)
@@ -286,16 +294,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     shape = (1, *data.sample_shape)
     inventory = build_inventory(model, shape)
     plan.validate(inventory)  # before any work
-    calib = make_loader(take(data.train, args.calib_images, args.seed), 64, shuffle=False)
+    calib = calibration_loader(data.train, args.calib_images, args.seed)
     compressed = apply_plan(model, plan, inventory, channel_multiple=args.channel_multiple,
                             calib=calib)
     rows = {"before": (model, evaluate(model, data.val)),
             "compressed": (compressed, evaluate(compressed, data.val))}
-    if args.finetune_steps:
-        print(f"fine-tuning {args.finetune_steps} steps with distillation from the original ...")
+    if ft.steps:
+        print(f"fine-tuning {ft.steps} steps with distillation from the original ...")
         torch.manual_seed(args.seed)
-        finetune(compressed, model, data.train, FinetuneConfig(steps=args.finetune_steps),
-                 seed=args.seed)
+        finetune(compressed, model, data.train, ft, seed=args.seed)
         rows["fine-tuned"] = (compressed, evaluate(compressed, data.val))
     report = {}
     print(f"{'':<11} {'params':>9} {'MACs':>9} {'size':>9} {'val acc':>8}")
@@ -310,7 +317,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         torch.save(compressed.state_dict(), staging / "model.pt")
         (staging / "compress.json").write_text(json.dumps(
             {"model": source.spec, "weights": weights, "data": args.data, "plan_summary": plan.describe(),
-             "finetune_steps": args.finetune_steps, "figures": report}, indent=2) + "\n")
+             "finetune": asdict(ft), "figures": report}, indent=2) + "\n")
     print(f"wrote {args.out}/plan.json, model.pt and compress.json")
     return 0
 

@@ -87,6 +87,15 @@ def take(dataset: Dataset, count: int | None, seed: int = 0) -> Dataset:
     return Subset(dataset, order[:count].tolist())
 
 
+CALIBRATION_IMAGES = 512
+
+
+def calibration_loader(dataset: Dataset, count: int | None = None, seed: int = 0) -> DataLoader:
+    """Fixed batches of training images (``CALIBRATION_IMAGES`` unless ``count`` is given) for
+    methods that calibrate or initialise from data."""
+    return make_loader(take(dataset, count or CALIBRATION_IMAGES, seed), 64, shuffle=False)
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
     """A single-process loader; shuffling is seeded so a run is repeatable."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None

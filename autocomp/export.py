@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from autocomp.compress import apply_plan
-from autocomp.data import load_data, take
+from autocomp.data import DataSplits, calibration_loader, load_data, take
 from autocomp.errors import AutocompError
 from autocomp.hardware.lower import compile_model, export_library
 from autocomp.hardware.profiles import load_profile
@@ -26,8 +26,9 @@ SAMPLES = 16
 RELATIVE_TOLERANCE = 1e-3
 
 
-def load_trial_model(run_dir: Path, settings: RunSettings, number: int) -> nn.Module:
-    """Rebuild a trial's compressed model: the plan's structure, the trial's fine-tuned weights."""
+def load_trial_model(run_dir: Path, settings: RunSettings, number: int, data: DataSplits) -> nn.Module:
+    """Rebuild a trial's compressed model: the plan's structure (calibrated on the same
+    training images as in the search), then the trial's fine-tuned weights."""
     folder = run_dir / "trials" / str(number)
     if not (folder / "model.pt").is_file():
         raise AutocompError(f"trial {number} of run {settings.name!r} has no saved model "
@@ -36,7 +37,8 @@ def load_trial_model(run_dir: Path, settings: RunSettings, number: int) -> nn.Mo
     inventory = build_inventory(teacher, settings.input_shape)
     plan = CompressionPlan.load(folder / "plan.json")
     profile = load_profile(settings.target)
-    model = apply_plan(teacher, plan, inventory, channel_multiple=profile.channel_multiple)
+    model = apply_plan(teacher, plan, inventory, channel_multiple=profile.channel_multiple,
+                       calib=calibration_loader(data.train, seed=settings.seed))
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     return model.eval()
 
@@ -63,7 +65,8 @@ def export_trial(run_dir: Path, settings: RunSettings, number: int, out: Path, *
     """Write plan.json, model.pt, model.so and export.json into ``out``, atomically."""
     refuse_existing(out, force)
     profile = load_profile(settings.target)
-    model = load_trial_model(run_dir, settings, number)
+    data = load_data(settings.data, image_size=settings.model.input_size)
+    model = load_trial_model(run_dir, settings, number, data)
     metrics = json.loads((run_dir / "trials" / str(number) / "metrics.json").read_text())
     with staged_folder(out, force=force) as staging:
         shutil.copy(run_dir / "trials" / str(number) / "plan.json", staging / "plan.json")
@@ -71,7 +74,7 @@ def export_trial(run_dir: Path, settings: RunSettings, number: int, out: Path, *
         log(f"export: compiling trial {number} for {profile.name} with TVM ...")
         library = export_library(compile_model(model, settings.input_shape, profile),
                                  staging / "model.so")
-        max_diff, scale = check_numerics(model, library, settings)
+        max_diff, scale = check_numerics(model, library, data)
         log(f"export: max |TVM - PyTorch| over {SAMPLES} validation images: {max_diff:.3g} "
             f"(largest |logit| {scale:.3g})")
         if max_diff > RELATIVE_TOLERANCE * max(scale, 1.0):
@@ -92,7 +95,7 @@ def export_trial(run_dir: Path, settings: RunSettings, number: int, out: Path, *
     return record
 
 
-def check_numerics(model: nn.Module, library: Path, settings: RunSettings) -> tuple[float, float]:
+def check_numerics(model: nn.Module, library: Path, data: DataSplits) -> tuple[float, float]:
     """Largest absolute difference between the TVM module and PyTorch on validation images,
     and the largest absolute PyTorch output (the scale the difference is judged against)."""
     import tvm
@@ -100,8 +103,7 @@ def check_numerics(model: nn.Module, library: Path, settings: RunSettings) -> tu
 
     device = tvm.cpu()
     vm = VirtualMachine(tvm.runtime.load_module(str(library)), device)
-    samples = take(load_data(settings.data, image_size=settings.model.input_size).val, SAMPLES,
-                   seed=1)
+    samples = take(data.val, SAMPLES, seed=1)
     worst = scale = 0.0
     with torch.no_grad():
         for index in range(len(samples)):

@@ -97,7 +97,7 @@ class CompressionPlan:
         for name, config in self.configs():
             if name not in known:
                 raise AutocompError(f"plan names layer {name!r}, which the model does not have")
-            reason = type(config).ineligible(inventory.layer(name))
+            reason = config.unfit(inventory.layer(name))
             if reason:
                 raise AutocompError(f"layer {name!r} cannot take {config.method}: {reason}")
 

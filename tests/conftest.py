@@ -29,6 +29,7 @@ def trained_resnet(fmnist: DataSplits, tmp_path_factory: pytest.TempPathFactory)
     from autocomp.models import build_model
     from autocomp.train import train
 
+    torch.manual_seed(0)  # the same weights whichever tests run first
     model = build_model("demo-resnet", num_classes=10, in_channels=1)
     train(model, take(fmnist.train, 8000), epochs=1, progress=False)
     path = tmp_path_factory.mktemp("weights") / "demo-resnet.pt"

@@ -95,3 +95,22 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(cli, tmp_path: Path,
     assert study.trials[1].user_attrs["fail_reason"] == "RuntimeError: device fell off the bus"
     failed = json.loads((tmp_path / "runs/e2e/trials/1/metrics.json").read_text())
     assert failed["failed"].startswith("RuntimeError")
+
+
+def test_search_over_every_method_family(cli, tmp_path: Path, trained_resnet: Path) -> None:
+    args = _search_args(trained_resnet, 5)
+    args[args.index("--name") + 1] = "mixed"
+    code, _, err = cli(*args, "--space", "all-methods")
+    assert code == 0, err
+    study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{tmp_path / 'runs/mixed/study.db'}")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 5 and len(study.trials) == 5  # no trial failed
+    methods = {config["method"] for trial in trials for choice in trial.user_attrs["plan"]["layers"].values()
+               for config in (choice if isinstance(choice, list) else [choice])}
+    assert len(methods) >= 4, methods
+    quantized = [t for t in trials if "quant" in t.user_attrs["plan_summary"]
+                 or "binary" in t.user_attrs["plan_summary"] or "ternary" in t.user_attrs["plan_summary"]]
+    assert quantized and all(t.user_attrs["size_bytes"] < 4 * t.user_attrs["params"] for t in quantized)
+    # a trial with calibrated activations rebuilds and exports
+    code, _, err = cli("export", "mixed", "--trial", str(quantized[0].number))
+    assert code == 0, err

@@ -1,5 +1,6 @@
 """PyTorch model -> Relax IRModule -> compiled TVM module for a profile's target."""
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -15,14 +16,18 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy with each BatchNorm folded into the conv before it.
 
     TVM does not fold batch norm by default and would run it as its own kernel.
-    Models that FX cannot trace are returned unfolded (still correct, slower).
+    FX's fuse matches exact layer types, so sparse layers (plain weights holding
+    zeros) are first turned back into plain layers. Models that FX cannot trace
+    are returned unfolded (still correct, slower).
     """
     from torch.fx.experimental.optimization import fuse
+
+    from autocomp.methods.sparsity import densify
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return fuse(model.eval(), inplace=False)
+            return fuse(densify(copy.deepcopy(model).eval()), inplace=True)
     except Exception:
         return model.eval()
 

@@ -42,8 +42,12 @@ class MethodConfig:
 
     @classmethod
     def ineligible(cls, layer: LayerInfo) -> str | None:
-        """Why this method cannot apply to ``layer``, or None when it can."""
+        """Why this method (with any parameters) cannot apply to ``layer``, or None when it can."""
         return None
+
+    def unfit(self, layer: LayerInfo) -> str | None:
+        """Why this config, with its parameters, cannot apply to ``layer``, or None when it can."""
+        return type(self).ineligible(layer)
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
-from autocomp.data import DataSplits, take
+from autocomp.data import DataSplits, calibration_loader, take
 from autocomp.errors import AutocompError
 from autocomp.hardware.measure import Latency, make_measurer
 from autocomp.hardware.profiles import HardwareProfile
@@ -100,7 +100,7 @@ def run_search(settings: RunSettings, runs_root: Path, data: DataSplits, profile
         ctx = TrialContext(teacher, inventory, space, profile, measurer,
                            take(data.train, settings.train_subset, settings.seed),
                            take(data.val, settings.val_subset, settings.seed), budget_s, run_dir,
-                           settings.seed)
+                           calibration_loader(data.train, seed=settings.seed), settings.seed)
         _optimise(study, TrialObjective(ctx), settings.trials, budget_s, log)
     finally:
         measurer.close()
@@ -177,7 +177,8 @@ def _report(study: optuna.Study, settings: RunSettings, run_dir: Path, data: Dat
     feasible = [r for r in results if r.feasible]
     front = pareto_front(feasible)
     for row in front:  # the test split is only ever reported, never used to choose
-        row.test_acc = evaluate(load_trial_model(run_dir, settings, row.number), data.test)
+        model = load_trial_model(run_dir, settings, row.number, data)
+        row.test_acc = evaluate(model, data.test)
     baseline_latency = settings.baseline["latency"]["median_s"]
     provenance = results[0].provenance
     log("")

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from autocomp.compress import apply_plan, count_params, size_bytes
 from autocomp.distill import finetune
@@ -32,6 +32,7 @@ class TrialContext:
     val: Dataset
     budget_s: float | None
     run_dir: Path
+    calib: DataLoader
     seed: int = 0
 
 
@@ -64,7 +65,7 @@ class TrialObjective:
 
         start = time.perf_counter()
         model = apply_plan(ctx.teacher, plan, ctx.inventory,
-                           channel_multiple=ctx.profile.channel_multiple)
+                           channel_multiple=ctx.profile.channel_multiple, calib=ctx.calib)
         timings["apply_s"] = time.perf_counter() - start
         if plan.layers:
             start = time.perf_counter()
