@@ -10,10 +10,11 @@ from torch import nn
 from autocomp.compress import apply_plan, count_params
 from autocomp.data import DataSplits, make_loader, take
 from autocomp.errors import AutocompError
-from autocomp.inventory import build_inventory, prune_graph
+from autocomp.inventory import build_inventory
 from autocomp.methods.prune import kept_channels
 from autocomp.models import build_model, load_weights
 from autocomp.plan import CompressionPlan
+from autocomp.prune_graph import prune_graph
 from autocomp.train import evaluate
 
 TORCHVISION_SHAPE = (1, 3, 64, 64)

@@ -108,7 +108,8 @@ def test_eligibility_per_kind_and_groups_that_do_not_divide(mobilenet, resnet) -
     with pytest.raises(AutocompError, match=r"layer 'layer2\.shortcut\.0' cannot take substitute: "
                                             r"3 groups do not divide its 16 input and 32 output channels"):
         apply_plan(model, _plan({"layer2.shortcut.0": _shuffle(3)}), inv)
-    with pytest.raises(AutocompError, match=r"layer 'layer2\.shortcut\.0' cannot take substitute: a 1x1 conv has no spatial kernel"):
+    with pytest.raises(AutocompError, match=r"layer 'layer2\.shortcut\.0' cannot take substitute: "
+                                            r"a 1x1 conv has no spatial kernel"):
         apply_plan(model, _plan({"layer2.shortcut.0": DWSEP}), inv)
 
 

@@ -30,8 +30,9 @@ import torch_pruning as tp
 from torch import nn
 
 from autocomp.errors import AutocompError
-from autocomp.inventory import LayerInfo, prune_graph
+from autocomp.inventory import LayerInfo
 from autocomp.methods import ApplyContext, MethodConfig, register_method
+from autocomp.prune_graph import prune_graph
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
