@@ -1,0 +1,78 @@
+"""Every method and every fine-tuning loss on torchvision mobilenet_v2 (depthwise convs and
+residual adds) and resnet18 (residual adds): the compressed model runs, exports and shrinks."""
+
+import copy
+
+import pytest
+import torch
+
+from autocomp.compress import apply_plan, count_params, size_bytes
+from autocomp.data import make_loader
+from autocomp.distill import FinetuneConfig, finetune
+from autocomp.inventory import build_inventory
+from autocomp.models import build_model
+from autocomp.plan import CompressionPlan
+
+SHAPE = (1, 3, 64, 64)
+CHOICES = [
+    {"method": "prune", "ratio": 0.5, "criterion": "l1"},
+    {"method": "prune", "ratio": 0.5, "criterion": "l2"},
+    {"method": "prune", "ratio": 0.5, "criterion": "bn_scale"},
+    {"method": "prune", "ratio": 0.5, "criterion": "taylor"},
+    {"method": "lowrank", "rank": 0.25},
+    {"method": "lowrank", "energy": 0.5},
+    {"method": "lowrank", "kind": "tucker2", "rank": 0.25, "rank_out": 0.5},
+    {"method": "lowrank", "kind": "cp", "rank": 0.05},
+    {"method": "substitute", "kind": "dwsep"},
+    {"method": "substitute", "kind": "shuffle", "groups": 2},
+    {"method": "sparsity", "sparsity": 0.7},
+    {"method": "quant", "w_bits": 4, "a_bits": 8, "calibration": "percentile"},
+    {"method": "binary"},
+    {"method": "ternary"},
+]
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(32, *SHAPE[1:], generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", params=["mobilenet_v2", "resnet18"])
+def network(request):
+    torch.manual_seed(0)
+    model = build_model(f"torchvision:{request.param}", num_classes=10).eval()
+    return model, build_inventory(model, SHAPE)
+
+
+@pytest.mark.parametrize("choice", CHOICES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_method_on_torchvision(network, images: torch.Tensor, choice: dict) -> None:
+    model, inventory = network
+    probe = CompressionPlan.from_json({"layers": {"x": choice}}).layers["x"][0]
+    fitting = [layer.name for layer in inventory.layers if probe.unfit(layer) is None]
+    assert fitting, f"{choice} fits no layer"
+    chosen = fitting[:3]  # a few layers keep the test fast; CP on big layers takes seconds each
+    plan = CompressionPlan.from_json({"layers": {name: choice for name in chosen}})
+    calib = make_loader(torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
+                        16, shuffle=False)
+    compressed = apply_plan(model, plan, inventory, calib=calib)
+    with torch.no_grad():
+        out = compressed(images[:2])
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert size_bytes(compressed) < size_bytes(model) or count_params(compressed) < count_params(model)
+    torch.export.export(compressed.eval(), (images[:1],))
+
+
+@pytest.mark.parametrize("losses", [{"hint_weight": 1.0}, {"attention_weight": 10.0}, {"fsp_weight": 1.0},
+                                    {"meprop_keep": 0.25, "regularizer": "group_lasso"}],
+                         ids=["fitnets", "attention", "fsp", "meprop+group-lasso"])
+def test_finetuning_losses_on_torchvision(network, images: torch.Tensor, losses: dict) -> None:
+    model, inventory = network
+    plan = CompressionPlan.from_json({"layers": {name: {"method": "prune", "ratio": 0.5}
+                                                 for name in inventory.prune_leaders()[:4]}})
+    student = apply_plan(model, plan, inventory)
+    before = copy.deepcopy(student.state_dict())
+    data = torch.utils.data.TensorDataset(images, torch.randint(0, 10, (len(images),)))
+    finetune(student, model, data, FinetuneConfig(steps=2, batch_size=8, **losses))
+    changed = [key for key, value in student.state_dict().items()
+               if value.is_floating_point() and not torch.equal(value, before[key])]
+    assert changed
