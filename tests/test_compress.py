@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from helpers import make_plan
 
 from autocomp.compress import apply_plan, count_params
 from autocomp.errors import AutocompError
@@ -20,13 +21,9 @@ def _model_and_inventory(spec: str):
     return model, build_inventory(model, SHAPE)
 
 
-def _plan(layers: dict) -> CompressionPlan:
-    return CompressionPlan.from_json({"version": 1, "layers": layers})
-
-
 def test_plan_json_round_trip_and_digest() -> None:
-    plan = _plan({"a": {"method": "prune", "ratio": 0.5}, "b": {"method": "lowrank", "rank": 0.25},
-                  "c": {"method": "keep"}})
+    plan = make_plan({"a": {"method": "prune", "ratio": 0.5}, "b": {"method": "lowrank", "rank": 0.25},
+                      "c": {"method": "keep"}})
     again = CompressionPlan.from_json(json.loads(json.dumps(plan.to_json())))
     assert again == plan and again.digest() == plan.digest()
     assert set(plan.layers) == {"a", "b"}
@@ -42,7 +39,7 @@ def test_plan_json_round_trip_and_digest() -> None:
 ])
 def test_bad_plans_are_rejected_when_read(layers: dict, message: str) -> None:
     with pytest.raises(AutocompError, match=message):
-        _plan(layers)
+        make_plan(layers)
 
 
 def test_plans_that_do_not_fit_the_model_are_rejected_before_any_work() -> None:
@@ -56,7 +53,7 @@ def test_plans_that_do_not_fit_the_model_are_rejected_before_any_work() -> None:
     }
     for name, (choice, message) in cases.items():
         with pytest.raises(AutocompError, match=message):
-            apply_plan(model, _plan({name: choice}), inv)
+            apply_plan(model, make_plan({name: choice}), inv)
 
 
 def _demo_resnet_params(stem: int, inner: int) -> int:
@@ -70,8 +67,8 @@ def _demo_resnet_params(stem: int, inner: int) -> int:
 def test_pruning_keeps_rounded_channels_and_shrinks_params_and_macs_as_predicted() -> None:
     model, inv = _model_and_inventory("demo-resnet")
     before = [p.clone() for p in model.parameters()]
-    plan = _plan({"layer1.conv1.0": {"method": "prune", "ratio": 0.5},
-                  "stem.0": {"method": "prune", "ratio": 0.25}})
+    plan = make_plan({"layer1.conv1.0": {"method": "prune", "ratio": 0.5},
+                      "stem.0": {"method": "prune", "ratio": 0.25}})
     pruned = apply_plan(model, plan, inv, channel_multiple=4)
     kept_inner, kept_stem = kept_channels(16, 0.5, 4), kept_channels(16, 0.25, 4)
     assert (kept_inner, kept_stem) == (8, 12)
@@ -92,7 +89,7 @@ def test_pruning_keeps_rounded_channels_and_shrinks_params_and_macs_as_predicted
 
 def test_pruning_depthwise_blocks_stays_valid() -> None:
     model, inv = _model_and_inventory("demo-mobilenetv2")
-    plan = _plan({name: {"method": "prune", "ratio": 0.5} for name in inv.prune_leaders()})
+    plan = make_plan({name: {"method": "prune", "ratio": 0.5} for name in inv.prune_leaders()})
     pruned = apply_plan(model, plan, inv, channel_multiple=4)
     for module in pruned.modules():
         if isinstance(module, torch.nn.Conv2d) and module.groups > 1:
@@ -105,7 +102,7 @@ def test_pruning_depthwise_blocks_stays_valid() -> None:
 
 def test_pruning_is_deterministic() -> None:
     model, inv = _model_and_inventory("demo-resnet")
-    plan = _plan({"layer2.conv1.0": PruneConfig(0.5).to_json()})
+    plan = make_plan({"layer2.conv1.0": PruneConfig(0.5).to_json()})
     a, b = apply_plan(model, plan, inv), apply_plan(model, plan, inv)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(),
                                                   strict=True))
@@ -114,7 +111,7 @@ def test_pruning_is_deterministic() -> None:
 def test_svd_at_full_rank_reproduces_the_layer() -> None:
     model, inv = _model_and_inventory("demo-resnet")
     names = [layer.name for layer in inv.layers if layer.groups == 1]
-    factorised = apply_plan(model, _plan({n: {"method": "lowrank", "rank": 1.0} for n in names}), inv)
+    factorised = apply_plan(model, make_plan({n: {"method": "lowrank", "rank": 1.0} for n in names}), inv)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         expected, got = model(x), factorised(x)
@@ -126,12 +123,12 @@ def test_svd_params_and_macs_follow_the_rank() -> None:
     layer = inv.layer("layer3.conv2.0")  # 64 -> 64, 3x3, no bias
     rank = target_rank(full_rank(64, 64, [3, 3]), 0.25)
     assert rank == 16
-    factorised = apply_plan(model, _plan({layer.name: {"method": "lowrank", "rank": 0.25}}), inv)
+    factorised = apply_plan(model, make_plan({layer.name: {"method": "lowrank", "rank": 0.25}}), inv)
     pair = factorised.layer3.conv2[0]
     assert sum(p.numel() for p in pair.parameters()) == 64 * 9 * rank + rank * 64
     after = build_inventory(factorised, SHAPE)
     spatial = layer.out_shape[2] * layer.out_shape[3]
     assert after.layer("layer3.conv2.0.0").macs + after.layer("layer3.conv2.0.1").macs == (
         spatial * rank * 64 * 9 + spatial * 64 * rank)
-    linear = apply_plan(model, _plan({"fc": {"method": "lowrank", "rank": 0.5}}), inv).fc
+    linear = apply_plan(model, make_plan({"fc": {"method": "lowrank", "rank": 0.5}}), inv).fc
     assert [m.out_features for m in linear] == [5, 10]

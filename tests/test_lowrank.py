@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorly
 import torch
+from helpers import make_plan, relative_error, seeded_model
 from torch import nn
 
 from autocomp.compress import apply_plan, count_params
@@ -21,37 +22,20 @@ from autocomp.methods.lowrank import (
     target_rank,
     tt_unfit,
 )
-from autocomp.models import build_model
-from autocomp.plan import CompressionPlan
 
 SHAPE = (1, 1, 28, 28)
 TV_SHAPE = (1, 3, 64, 64)
 KINDS = ("svd", "tucker2", "cp", "tt")
 
 
-def _plan(layers: dict) -> CompressionPlan:
-    return CompressionPlan.from_json({"version": 1, "layers": layers})
-
-
-def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got - expected).norm() / expected.norm()).item()
-
-
-def _built(spec: str, shape: tuple[int, ...], **kwargs):
-    """A seeded model and its inventory; factorisation needs no channel coupling, so none is traced."""
-    torch.manual_seed(0)
-    model = build_model(spec, num_classes=10, **kwargs).eval()
-    return model, build_inventory(model, shape, coupling=False)
-
-
 @pytest.fixture(scope="module")
 def resnet():
-    return _built("demo-resnet", SHAPE, in_channels=1)
+    return seeded_model("demo-resnet", SHAPE, in_channels=1)
 
 
 @pytest.fixture(scope="module")
 def mobilenet():
-    return _built("demo-mobilenetv2", SHAPE, in_channels=1)
+    return seeded_model("demo-mobilenetv2", SHAPE, in_channels=1)
 
 
 def test_the_svd_json_keeps_its_meaning_and_other_kinds_round_trip() -> None:
@@ -80,7 +64,7 @@ def test_the_svd_json_keeps_its_meaning_and_other_kinds_round_trip() -> None:
 ])
 def test_bad_configs_name_the_parameter(choice: dict, message: str) -> None:
     with pytest.raises(AutocompError, match=message):
-        _plan({"fc": {"method": "lowrank", **choice}})
+        make_plan({"fc": {"method": "lowrank", **choice}})
 
 
 def test_eligibility_has_a_reason_per_kind(mobilenet, resnet) -> None:
@@ -113,11 +97,11 @@ def test_a_kind_that_does_not_fit_is_refused_before_any_work(mobilenet) -> None:
     cases = {"classifier": ({"kind": "tucker2", "rank": 0.5}, "tucker2 factorises conv kernels"),
              "features.0.0": ({"kind": "tt", "rank": 0.5}, "tt factorises Linear layers")}
     for name, (choice, message) in cases.items():
-        plan = _plan({name: {"method": "lowrank", **choice}})
+        plan = make_plan({name: {"method": "lowrank", **choice}})
         with pytest.raises(AutocompError, match=f"layer '{name}' cannot take lowrank: {message}"):
             plan.validate(inv)
     with pytest.raises(AutocompError, match="10 out features do not split into 3"):
-        apply_plan(model, _plan({"classifier": {"method": "lowrank", "kind": "tt", "rank": 0.5}}), inv)
+        apply_plan(model, make_plan({"classifier": {"method": "lowrank", "kind": "tt", "rank": 0.5}}), inv)
 
 
 def _module(kind: str) -> tuple[nn.Module, torch.Tensor]:
@@ -145,7 +129,7 @@ def _module(kind: str) -> tuple[nn.Module, torch.Tensor]:
 def test_full_rank_reproduces_the_layer(case: str, config: LowRankConfig) -> None:
     module, x = _module(case)
     with torch.no_grad():
-        assert _rel(factorise(module, config)(x), module(x)) < 1e-4
+        assert relative_error(factorise(module, config)(x), module(x)) < 1e-4
 
 
 def test_cp_error_falls_with_rank_and_vanishes_at_the_full_cp_rank() -> None:
@@ -158,7 +142,7 @@ def test_cp_error_falls_with_rank_and_vanishes_at_the_full_cp_rank() -> None:
     errors = []
     with torch.no_grad():
         for fraction in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 1.0):
-            errors.append(_rel(factorise(conv, LowRankConfig(fraction, "cp"))(x), conv(x)))
+            errors.append(relative_error(factorise(conv, LowRankConfig(fraction, "cp"))(x), conv(x)))
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
     assert errors[-2] > 1e-4 > errors[-1]
     layers = factorise(conv, LowRankConfig(1.0, "cp"))
@@ -185,7 +169,7 @@ def test_params_and_macs_fall_as_the_formulas_predict(resnet) -> None:
     weight = model.layer3.conv2[0].weight.detach().double().reshape(64, -1)
     squares = torch.linalg.svdvals(weight) ** 2
     svd_rank = int((squares.cumsum(0) < 0.9 * squares.sum()).sum()) + 1
-    plan = _plan({
+    plan = make_plan({
         "layer2.conv2.0": {"method": "lowrank", "kind": "tucker2", "rank": 0.25, "rank_out": 0.5},
         "layer3.conv1.0": {"method": "lowrank", "kind": "cp", "rank": 0.1},
         "layer3.conv2.0": {"method": "lowrank", "energy": 0.9},
@@ -238,35 +222,35 @@ def test_each_kind_applies_to_residual_and_depthwise_networks(resnet, mobilenet,
             assert not layers  # its only ungrouped KxK conv, the stem, has a single input channel
             continue
         assert layers
-        factorised = apply_plan(model, _plan(layers), inv)
+        factorised = apply_plan(model, make_plan(layers), inv)
         with torch.no_grad():
             expected, got = model(x), factorised(x)
         if kind == "cp":
             assert torch.isfinite(got).all() and count_params(factorised) != count_params(model)
         else:
-            assert _rel(got, expected) < 1e-4
+            assert relative_error(got, expected) < 1e-4
         torch.export.export(factorised, (torch.randn(*SHAPE),))
 
 
 def test_torchvision_resnet18_and_vgg11_bn() -> None:
     x = torch.randn(2, 3, 64, 64)
-    model, inv = _built("torchvision:resnet18", TV_SHAPE)
-    plan = _plan({"layer1.0.conv1": {"method": "lowrank", "kind": "tucker2", "rank": 1.0},
-                  "layer2.0.conv1": {"method": "lowrank", "kind": "tucker2", "rank": 1.0},
-                  "layer3.0.downsample.0": {"method": "lowrank", "rank": 1.0},
-                  "fc": {"method": "lowrank", "kind": "tt", "rank": 1.0, "cores": 2}})
+    model, inv = seeded_model("torchvision:resnet18", TV_SHAPE)
+    plan = make_plan({"layer1.0.conv1": {"method": "lowrank", "kind": "tucker2", "rank": 1.0},
+                      "layer2.0.conv1": {"method": "lowrank", "kind": "tucker2", "rank": 1.0},
+                      "layer3.0.downsample.0": {"method": "lowrank", "rank": 1.0},
+                      "fc": {"method": "lowrank", "kind": "tt", "rank": 1.0, "cores": 2}})
     with torch.no_grad():
-        assert _rel(apply_plan(model, plan, inv)(x), model(x)) < 1e-4
-    cp = apply_plan(model, _plan({"conv1": {"method": "lowrank", "kind": "cp", "rank": 0.25}}), inv)
+        assert relative_error(apply_plan(model, plan, inv)(x), model(x)) < 1e-4
+    cp = apply_plan(model, make_plan({"conv1": {"method": "lowrank", "kind": "cp", "rank": 0.25}}), inv)
     assert count_params(model) - count_params(cp) == 64 * 3 * 49 - 37 * (3 + 7 + 7 + 64)
 
-    model, inv = _built("torchvision:vgg11_bn", TV_SHAPE)
+    model, inv = seeded_model("torchvision:vgg11_bn", TV_SHAPE)
     assert LowRankConfig.ineligible(inv.layer("classifier.0"), "tt") is None  # 25088 = 32x28x28
-    plan = _plan({"features.4": {"method": "lowrank", "kind": "tucker2", "rank": 1.0},  # 64 -> 128
-                  "classifier.3": {"method": "lowrank", "kind": "tt", "rank": 0.25}})  # 4096 -> 4096
+    plan = make_plan({"features.4": {"method": "lowrank", "kind": "tucker2", "rank": 1.0},  # 64 -> 128
+                      "classifier.3": {"method": "lowrank", "kind": "tt", "rank": 0.25}})  # 4096 -> 4096
     factorised = apply_plan(model, plan, inv)
     with torch.no_grad():
-        assert _rel(factorised.features(x), model.features(x)) < 1e-4
+        assert relative_error(factorised.features(x), model.features(x)) < 1e-4
     train = factorised.classifier[3]
     assert isinstance(train, TTLinear) and train.ranks == [1, 64, 64, 1]  # 0.25 of 16*16=256
     assert count_params(train) == 16 * 16 * 64 + 64 * 16 * 16 * 64 + 64 * 16 * 16 + 4096
@@ -283,10 +267,11 @@ def test_compiled_factorised_model_matches_pytorch(resnet, tmp_path: Path) -> No
     from autocomp.hardware.profiles import load_profile
 
     model, inv = resnet
-    plan = _plan({"layer1.conv1.0": {"method": "lowrank", "kind": "tucker2", "rank": 0.5, "rank_out": 0.75},
-                  "layer2.conv1.0": {"method": "lowrank", "kind": "cp", "rank": 0.2},
-                  "layer3.conv2.0": {"method": "lowrank", "energy": 0.8},
-                  "fc": {"method": "lowrank", "kind": "tt", "rank": 0.5, "cores": 2}})
+    plan = make_plan({"layer1.conv1.0": {"method": "lowrank", "kind": "tucker2", "rank": 0.5,
+                                         "rank_out": 0.75},
+                      "layer2.conv1.0": {"method": "lowrank", "kind": "cp", "rank": 0.2},
+                      "layer3.conv2.0": {"method": "lowrank", "energy": 0.8},
+                      "fc": {"method": "lowrank", "kind": "tt", "rank": 0.5, "cores": 2}})
     factorised = apply_plan(model, plan, inv)
     library = export_library(compile_model(factorised, SHAPE, load_profile("host")), tmp_path / "m.so")
     vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from helpers import make_plan
 from torch import nn
 
 from autocomp.compress import apply_plan, count_params
@@ -13,17 +14,12 @@ from autocomp.errors import AutocompError
 from autocomp.inventory import build_inventory
 from autocomp.methods.prune import kept_channels
 from autocomp.models import build_model, load_weights
-from autocomp.plan import CompressionPlan
 from autocomp.prune_graph import prune_graph
 from autocomp.train import evaluate
 
 TORCHVISION_SHAPE = (1, 3, 64, 64)
 TORCHVISION_MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "googlenet", "vgg11_bn",
                       "shufflenet_v2_x0_5"]
-
-
-def _plan(layers: dict) -> CompressionPlan:
-    return CompressionPlan.from_json({"version": 1, "layers": layers})
 
 
 def _kept_rows(original: nn.Module, pruned: nn.Module) -> list[int]:
@@ -70,7 +66,7 @@ def test_pruning_every_group_of_torchvision_models_removes_exactly_the_dropped_c
     assert (inv.notes != []) == (name == "shufflenet_v2_x0_5")
     outputs = [model.get_submodule(layer.name) for layer in inv.layers if layer.is_output]
     _silence_channels(model, torch.zeros(TORCHVISION_SHAPE), outputs)
-    plan = _plan({leader: {"method": "prune", "ratio": 0.5} for leader in inv.prune_leaders()})
+    plan = make_plan({leader: {"method": "prune", "ratio": 0.5} for leader in inv.prune_leaders()})
     pruned = apply_plan(model, plan, inv)
     x = torch.randn(2, *TORCHVISION_SHAPE[1:])
     with torch.no_grad():
@@ -97,11 +93,11 @@ def test_shufflenet_prunes_the_groups_that_never_reach_its_channel_shuffle() -> 
     # layers whose outputs are concatenated and shuffled are not offered
     for block in blocks:
         assert inv.layer(f"{block}.branch2.5").prune_group is None
-    pruned = apply_plan(model, _plan({"stage3.1.branch2.0": {"method": "prune", "ratio": 0.5}}), inv)
+    pruned = apply_plan(model, make_plan({"stage3.1.branch2.0": {"method": "prune", "ratio": 0.5}}), inv)
     assert pruned.stage3[1].branch2[3].out_channels == 24 and pruned.stage3[1].branch2[5].in_channels == 24
     assert pruned.stage3[1].branch2[5].out_channels == 48  # the shuffled trunk keeps its width
     with pytest.raises(AutocompError, match=r"branch2\.5.* no prunable channel group"):
-        apply_plan(model, _plan({"stage3.1.branch2.5": {"method": "prune", "ratio": 0.5}}), inv)
+        apply_plan(model, make_plan({"stage3.1.branch2.5": {"method": "prune", "ratio": 0.5}}), inv)
 
 
 def test_criteria_choose_channels_by_their_own_definitions(fmnist: DataSplits, trained_resnet: Path) -> None:
@@ -126,7 +122,7 @@ def test_criteria_choose_channels_by_their_own_definitions(fmnist: DataSplits, t
     val = take(fmnist.val, 1000)
     kept = {}
     for criterion, score in scores.items():
-        plan = _plan({"layer2.conv1.0": {"method": "prune", "ratio": 0.5, "criterion": criterion}})
+        plan = make_plan({"layer2.conv1.0": {"method": "prune", "ratio": 0.5, "criterion": criterion}})
         pruned = apply_plan(model, plan, inv, calib=calib)
         kept[criterion] = _kept_rows(model.layer2.conv1[0], pruned.layer2.conv1[0])
         assert kept[criterion] == sorted(torch.argsort(score, descending=True)[:16].tolist()), criterion
@@ -138,7 +134,7 @@ def test_criteria_choose_channels_by_their_own_definitions(fmnist: DataSplits, t
 def test_taylor_needs_calibration_data() -> None:
     model = build_model("demo-resnet", num_classes=10, in_channels=1).eval()
     inv = build_inventory(model, (1, 1, 28, 28))
-    plan = _plan({"layer1.conv1.0": {"method": "prune", "ratio": 0.5, "criterion": "taylor"}})
+    plan = make_plan({"layer1.conv1.0": {"method": "prune", "ratio": 0.5, "criterion": "taylor"}})
     with pytest.raises(AutocompError, match=r"layer 'layer1.conv1.0': the taylor prune criterion needs"):
         apply_plan(model, plan, inv)
 
@@ -147,7 +143,7 @@ def test_bn_scale_needs_a_batchnorm() -> None:
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 10)).eval()
     inv = build_inventory(model, (1, 1, 28, 28))
-    pruned = apply_plan(model, _plan({"0": {"method": "prune", "ratio": 0.5}}), inv)
+    pruned = apply_plan(model, make_plan({"0": {"method": "prune", "ratio": 0.5}}), inv)
     assert pruned[0].out_channels == pruned[4].in_features == 4
     with pytest.raises(AutocompError, match=r"layer '0': the bn_scale prune criterion .* BatchNorm"):
-        apply_plan(model, _plan({"0": {"method": "prune", "ratio": 0.5, "criterion": "bn_scale"}}), inv)
+        apply_plan(model, make_plan({"0": {"method": "prune", "ratio": 0.5, "criterion": "bn_scale"}}), inv)

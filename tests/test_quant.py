@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_plan
 from torch import nn
 
 from autocomp.compress import apply_plan, size_bytes
@@ -31,12 +32,8 @@ from autocomp.train import evaluate
 SHAPE = (1, 1, 28, 28)
 
 
-def _plan(layers: dict) -> CompressionPlan:
-    return CompressionPlan.from_json({"version": 1, "layers": layers})
-
-
 def _all_layers(inventory, choice: dict) -> CompressionPlan:
-    return _plan({name: choice for name in inventory.names})
+    return make_plan({name: choice for name in inventory.names})
 
 
 def _quantized_layers(model: nn.Module) -> list[QuantizedLayer]:
@@ -170,11 +167,11 @@ def _run_integer_form(form: IntegerLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_integer_form_reproduces_the_layer(teacher: nn.Module, inventory, calib, fmnist: DataSplits) -> None:
-    plan = _plan({"layer2.conv1.0": {"method": "quant", "w_bits": 4, "a_bits": 8},
-                  "layer1.conv1.0": {"method": "quant", "w_bits": 8, "a_bits": 4,
+    plan = make_plan({"layer2.conv1.0": {"method": "quant", "w_bits": 4, "a_bits": 8},
+                      "layer1.conv1.0": {"method": "quant", "w_bits": 8, "a_bits": 4,
                                      "calibration": "percentile"},
-                  "layer3.conv2.0": {"method": "ternary"},
-                  "fc": {"method": "binary", "a_bits": 8}})
+                      "layer3.conv2.0": {"method": "ternary"},
+                      "fc": {"method": "binary", "a_bits": 8}})
     model = apply_plan(teacher, plan, inventory, calib=calib)
     images = torch.stack([fmnist.test[i][0] for i in range(16)])
     # layer: (weight bits, activation bits)
@@ -215,7 +212,7 @@ def test_integer_form_reproduces_the_layer(teacher: nn.Module, inventory, calib,
 
 def test_training_passes_gradients_straight_through(teacher: nn.Module, inventory, calib,
                                                    fmnist: DataSplits) -> None:
-    plan = _plan({"layer2.conv1.0": {"method": "quant", "w_bits": 4, "a_bits": 8}})
+    plan = make_plan({"layer2.conv1.0": {"method": "quant", "w_bits": 4, "a_bits": 8}})
     model = apply_plan(teacher, plan, inventory, calib=calib)
     layer = model.layer2.conv1[0]
     x = _captured_input(model, layer, torch.stack([fmnist.test[i][0] for i in range(8)]))
@@ -239,8 +236,8 @@ def test_training_passes_gradients_straight_through(teacher: nn.Module, inventor
 
 
 def test_storage_bytes_count_packed_weights_scales_and_bias(teacher: nn.Module, inventory) -> None:
-    plan = _plan({"layer2.conv1.0": {"method": "quant", "w_bits": 4},
-                  "fc": {"method": "binary"}, "layer3.conv2.0": {"method": "ternary"}})
+    plan = make_plan({"layer2.conv1.0": {"method": "quant", "w_bits": 4},
+                      "fc": {"method": "binary"}, "layer3.conv2.0": {"method": "ternary"}})
     model = apply_plan(teacher, plan, inventory)
     conv = model.layer2.conv1[0]  # 3x3, 16 -> 32, no bias
     assert isinstance(conv, QuantConv2d) and conv.bias is None
@@ -253,14 +250,14 @@ def test_storage_bytes_count_packed_weights_scales_and_bias(teacher: nn.Module, 
     assert size_bytes(model) == size_bytes(teacher) - float_bytes + quant_bytes
     # 45 binary weights take 6 bytes, not 5.625
     conv1d = nn.Sequential(nn.Conv1d(3, 5, 3))
-    layer = apply_plan(conv1d, _plan({"0": {"method": "binary"}}),
+    layer = apply_plan(conv1d, make_plan({"0": {"method": "binary"}}),
                        build_inventory(conv1d, (1, 3, 8), coupling=False))[0]
     assert layer.storage_bytes() == 6 + 5 * 4 + 5 * 4 and layer.integer_form().op == "conv1d"
 
 
 def test_quantization_combines_with_pruning_and_factorisation(teacher: nn.Module, inventory, calib,
                                                               fmnist: DataSplits) -> None:
-    plan = _plan({
+    plan = make_plan({
         "layer1.conv1.0": [{"method": "prune", "ratio": 0.5}, {"method": "quant", "w_bits": 4, "a_bits": 8}],
         "layer3.conv2.0": [{"method": "lowrank", "rank": 0.25}, {"method": "ternary", "a_bits": 8}],
     })
@@ -287,13 +284,13 @@ def test_quantization_combines_with_pruning_and_factorisation(teacher: nn.Module
 ])
 def test_bad_quantization_plans_are_rejected(choice, message: str) -> None:
     with pytest.raises(AutocompError, match=message):
-        _plan({"layer2.conv1.0": choice})
+        make_plan({"layer2.conv1.0": choice})
 
 
 def test_plans_round_trip_through_json() -> None:
-    plan = _plan({"a": {"method": "quant", "w_bits": 4, "a_bits": 8, "calibration": "percentile"},
-                  "b": [{"method": "prune", "ratio": 0.5}, {"method": "binary", "admm_rho": 0.1}],
-                  "c": {"method": "ternary", "threshold": 0.5}})
+    plan = make_plan({"a": {"method": "quant", "w_bits": 4, "a_bits": 8, "calibration": "percentile"},
+                      "b": [{"method": "prune", "ratio": 0.5}, {"method": "binary", "admm_rho": 0.1}],
+                      "c": {"method": "ternary", "threshold": 0.5}})
     assert plan.to_json()["layers"]["a"] == {"method": "quant", "w_bits": 4, "a_bits": 8,
                                              "calibration": "percentile", "percentile": 99.99,
                                              "admm_rho": 0.0}
@@ -329,12 +326,12 @@ def test_conv_subclasses_are_refused() -> None:
     model = nn.Sequential(_ScaledConv(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)).eval()
     inventory = build_inventory(model, SHAPE, coupling=False)
     with pytest.raises(AutocompError, match="layer '0': 0 is a _ScaledConv"):
-        apply_plan(model, _plan({"0": {"method": "quant", "w_bits": 8}}), inventory)
+        apply_plan(model, make_plan({"0": {"method": "quant", "w_bits": 8}}), inventory)
 
 
 def test_activation_quantization_needs_calibration_data(teacher: nn.Module, inventory) -> None:
-    plan = _plan({"layer1.conv1.0": {"method": "quant", "w_bits": 8},
-                  "fc": {"method": "binary", "a_bits": 8}})
+    plan = make_plan({"layer1.conv1.0": {"method": "quant", "w_bits": 8},
+                      "fc": {"method": "binary", "a_bits": 8}})
     with pytest.raises(AutocompError, match=r"^layer 'fc': binary with a_bits=8 needs calibration"):
         apply_plan(teacher, plan, inventory)
 
@@ -350,7 +347,7 @@ def test_compiled_quantized_network_matches_pytorch(teacher: nn.Module, inventor
     choices = [{"method": "quant", "w_bits": 8, "a_bits": 8},
                {"method": "quant", "w_bits": 4, "a_bits": 8, "calibration": "percentile"},
                {"method": "ternary", "a_bits": 4}, {"method": "binary"}]
-    plan = _plan({name: choices[i % len(choices)] for i, name in enumerate(inventory.names)})
+    plan = make_plan({name: choices[i % len(choices)] for i, name in enumerate(inventory.names)})
     model = apply_plan(teacher, plan, inventory, calib=calib)
     library = export_library(compile_model(model, SHAPE, load_profile("host")), tmp_path / "q.so")
     vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import make_plan
 from torch import nn
 
 from autocomp.compress import apply_plan, size_bytes
@@ -25,13 +26,8 @@ from autocomp.methods.sparsity import (
     sparsify,
 )
 from autocomp.models import build_model
-from autocomp.plan import CompressionPlan
 
 SHAPE = (1, 1, 28, 28)
-
-
-def _plan(layers: dict) -> CompressionPlan:
-    return CompressionPlan.from_json({"version": 1, "layers": layers})
 
 
 def _resnet():
@@ -82,14 +78,14 @@ def test_storage_bytes_follow_the_encoding_formulas() -> None:
 
 def test_zeros_stay_zero_through_fine_tuning(fmnist: DataSplits) -> None:
     model, inv = _resnet()
-    sparse = apply_plan(model, _plan({"layer2.conv2.0": {"method": "sparsity", "sparsity": 0.7},
-                                      "fc": {"method": "sparsity", "sparsity": 0.5}}), inv)
+    sparse = apply_plan(model, make_plan({"layer2.conv2.0": {"method": "sparsity", "sparsity": 0.7},
+                                          "fc": {"method": "sparsity", "sparsity": 0.5}}), inv)
     layer = sparse.layer2.conv2[0]
     mask, before = layer.mask.clone(), layer.weight.detach().clone()
     assert layer.sparsity == pytest.approx(0.7, abs=1 / mask.numel())
     assert torch.equal(before[~mask], torch.zeros(int((~mask).sum())))
     # a plain optimizer step moves the pruned weights; after_step puts the zeros back
-    probe = apply_plan(model, _plan({"layer2.conv2.0": {"method": "sparsity", "sparsity": 0.7}}), inv)
+    probe = apply_plan(model, make_plan({"layer2.conv2.0": {"method": "sparsity", "sparsity": 0.7}}), inv)
     probe.train()(torch.randn(8, *SHAPE[1:])).logsumexp(1).sum().backward()
     torch.optim.SGD(probe.parameters(), lr=0.1).step()
     assert probe.layer2.conv2[0].weight[~mask].abs().sum() > 0
@@ -107,11 +103,11 @@ def test_pruned_and_sparsified_model_compiles_with_tvm_and_matches_pytorch() -> 
 
     model, inv = _resnet()
     prune = {"method": "prune", "ratio": 0.5}
-    plan = _plan({"layer2.conv1.0": [prune, {"method": "sparsity", "sparsity": 0.5}],
-                  "layer3.conv2.0": {"method": "sparsity", "sparsity": 0.8}})
+    plan = make_plan({"layer2.conv1.0": [prune, {"method": "sparsity", "sparsity": 0.5}],
+                      "layer3.conv2.0": {"method": "sparsity", "sparsity": 0.8}})
     assert [c.method for c in plan.layers["layer2.conv1.0"]] == ["prune", "sparsity"]
     compressed = apply_plan(model, plan, inv)
-    pruned_only = apply_plan(model, _plan({"layer2.conv1.0": prune}), inv)
+    pruned_only = apply_plan(model, make_plan({"layer2.conv1.0": prune}), inv)
     both, sparse = compressed.layer2.conv1[0], compressed.layer3.conv2[0]
     assert isinstance(both, SparseConv2d) and isinstance(sparse, SparseConv2d)
     assert both.out_channels == kept_channels(32, 0.5) == compressed.layer2.conv2[0].in_channels
@@ -139,7 +135,7 @@ def test_pruned_and_sparsified_model_compiles_with_tvm_and_matches_pytorch() -> 
 
 def test_sparsity_after_low_rank_sparsifies_both_factors() -> None:
     model, inv = _resnet()
-    plan = _plan({"layer3.conv2.0": [{"method": "lowrank", "rank": 0.5},
+    plan = make_plan({"layer3.conv2.0": [{"method": "lowrank", "rank": 0.5},
                                      {"method": "sparsity", "sparsity": 0.6}]})
     pair = apply_plan(model, plan, inv).layer3.conv2[0]
     assert [type(m) for m in pair] == [SparseConv2d, SparseConv2d]
@@ -149,7 +145,7 @@ def test_sparsity_after_low_rank_sparsifies_both_factors() -> None:
 def test_sparsity_values_and_targets_are_checked() -> None:
     for value in (0.0, 1.0):
         with pytest.raises(AutocompError, match=r"sparsity .* is outside"):
-            _plan({"fc": {"method": "sparsity", "sparsity": value}})
+            make_plan({"fc": {"method": "sparsity", "sparsity": value}})
     ctx = ApplyContext(build_inventory(nn.Sequential(nn.Linear(3, 2)), (1, 3)), torch.zeros(1, 3))
     with pytest.raises(AutocompError, match="layer '0' is a ReLU"):
         apply_sparsity(nn.Sequential(nn.ReLU()), {"0": SparsityConfig(0.5)}, ctx)

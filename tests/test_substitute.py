@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_plan, relative_error, seeded_model
 from torch import nn
 
 import autocomp.methods.substitute as substitute_module
@@ -14,8 +15,6 @@ from autocomp.errors import AutocompError
 from autocomp.inventory import LayerInfo, build_inventory
 from autocomp.methods import config_from_json
 from autocomp.methods.substitute import ChannelShuffle, SubstituteConfig, collect_stats, substitute
-from autocomp.models import build_model
-from autocomp.plan import CompressionPlan
 
 SHAPE = (1, 1, 28, 28)
 TV_SHAPE = (1, 3, 64, 64)
@@ -24,21 +23,6 @@ DWSEP = {"method": "substitute", "kind": "dwsep"}
 
 def _shuffle(groups: int) -> dict:
     return {"method": "substitute", "kind": "shuffle", "groups": groups}
-
-
-def _plan(layers: dict) -> CompressionPlan:
-    return CompressionPlan.from_json({"version": 1, "layers": layers})
-
-
-def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got - expected).norm() / expected.norm()).item()
-
-
-def _built(spec: str, shape: tuple[int, ...], **kwargs):
-    """A seeded model and its inventory (substitution needs no channel coupling)."""
-    torch.manual_seed(0)
-    model = build_model(spec, num_classes=10, **kwargs).eval()
-    return model, build_inventory(model, shape, coupling=False)
 
 
 def _layer_io(model: nn.Module, name: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,12 +55,12 @@ def held_out(fmnist: DataSplits) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def resnet():
-    return _built("demo-resnet", SHAPE, in_channels=1)
+    return seeded_model("demo-resnet", SHAPE, in_channels=1)
 
 
 @pytest.fixture(scope="module")
 def mobilenet():
-    return _built("demo-mobilenetv2", SHAPE, in_channels=1)
+    return seeded_model("demo-mobilenetv2", SHAPE, in_channels=1)
 
 
 def test_json_forms_and_bad_configs() -> None:
@@ -90,7 +74,7 @@ def test_json_forms_and_bad_configs() -> None:
              ({"kind": "dwsep", "groups": 2}, "groups applies to kind shuffle only")]
     for choice, message in cases:
         with pytest.raises(AutocompError, match=message):
-            _plan({"stem.0": {"method": "substitute", **choice}})
+            make_plan({"stem.0": {"method": "substitute", **choice}})
 
 
 def test_eligibility_per_kind_and_groups_that_do_not_divide(mobilenet, resnet) -> None:
@@ -107,10 +91,10 @@ def test_eligibility_per_kind_and_groups_that_do_not_divide(mobilenet, resnet) -
     model, inv = resnet
     with pytest.raises(AutocompError, match=r"layer 'layer2\.shortcut\.0' cannot take substitute: "
                                             r"3 groups do not divide its 16 input and 32 output channels"):
-        apply_plan(model, _plan({"layer2.shortcut.0": _shuffle(3)}), inv)
+        apply_plan(model, make_plan({"layer2.shortcut.0": _shuffle(3)}), inv)
     with pytest.raises(AutocompError, match=r"layer 'layer2\.shortcut\.0' cannot take substitute: "
                                             r"a 1x1 conv has no spatial kernel"):
-        apply_plan(model, _plan({"layer2.shortcut.0": DWSEP}), inv)
+        apply_plan(model, make_plan({"layer2.shortcut.0": DWSEP}), inv)
 
 
 def test_channel_shuffle_is_shufflenets_permutation() -> None:
@@ -128,7 +112,7 @@ def test_channel_shuffle_is_shufflenets_permutation() -> None:
 def _substituted_errors(model, inv, calib, held_out, name: str, choice: dict) -> dict[str, float]:
     """Held-out error of the substitute for ``name``: least squares, data-free and random init."""
     x, y = _layer_io(model, name, held_out)
-    plan = _plan({name: choice})
+    plan = make_plan({name: choice})
     fitted = apply_plan(model, plan, inv, calib=calib).get_submodule(name)
     data_free = apply_plan(model, plan, inv).get_submodule(name)
     torch.manual_seed(0)
@@ -137,7 +121,8 @@ def _substituted_errors(model, inv, calib, held_out, name: str, choice: dict) ->
         if isinstance(module, nn.Conv2d):
             module.reset_parameters()  # PyTorch's default initialisation
     with torch.no_grad():
-        return {"ls": _rel(fitted(x), y), "data_free": _rel(data_free(x), y), "random": _rel(rand(x), y)}
+        return {"ls": relative_error(fitted(x), y), "data_free": relative_error(data_free(x), y),
+                "random": relative_error(rand(x), y)}
 
 
 @pytest.mark.parametrize(("name", "choice"), [
@@ -163,7 +148,7 @@ def test_alternating_least_squares_never_raises_the_calibration_error(resnet, ca
     for rounds in (0, 1, 2, 4):
         monkeypatch.setattr(substitute_module, "ALS_ROUNDS", rounds)
         with torch.no_grad():
-            errors.append(_rel(substitute(layer, SubstituteConfig("dwsep"), stats)(x), y))
+            errors.append(relative_error(substitute(layer, SubstituteConfig("dwsep"), stats)(x), y))
     assert all(later <= earlier + 1e-6 for earlier, later in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.95 * errors[0], errors
 
@@ -171,7 +156,7 @@ def test_alternating_least_squares_never_raises_the_calibration_error(resnet, ca
 def test_without_calibration_data_the_weights_are_fitted_directly(resnet) -> None:
     model, inv = resnet
     for calib in (None, []):
-        new = apply_plan(model, _plan({"layer2.conv2.0": DWSEP, "layer3.shortcut.0": _shuffle(4)}), inv,
+        new = apply_plan(model, make_plan({"layer2.conv2.0": DWSEP, "layer3.shortcut.0": _shuffle(4)}), inv,
                          calib=calib)
         # dwsep: each input channel's 32 x 9 weight slice becomes its best rank-one approximation
         weight = model.layer2.conv2[0].weight.detach().double().reshape(32, 32, 9)
@@ -191,7 +176,7 @@ def test_without_calibration_data_the_weights_are_fitted_directly(resnet) -> Non
 
 def test_params_and_macs_follow_the_formulas(resnet, calib) -> None:
     model, inv = resnet
-    plan = _plan({"layer3.conv1.0": DWSEP, "layer3.shortcut.0": _shuffle(4)})  # both 32 -> 64, 4x4 out
+    plan = make_plan({"layer3.conv1.0": DWSEP, "layer3.shortcut.0": _shuffle(4)})  # both 32 -> 64, 4x4 out
     after = build_inventory(apply_plan(model, plan, inv, calib=calib), SHAPE, coupling=False)
     expected = {"layer3.conv1.0.0": (32 * 9, 16 * 32 * 9),  # depthwise 3x3, stride 2
                 "layer3.conv1.0.1": (32 * 64 + 64, 16 * 32 * 64),  # pointwise with bias
@@ -219,13 +204,13 @@ def _every_layer(inv) -> dict:
 def test_every_eligible_layer_of_residual_and_depthwise_networks(resnet, mobilenet, calib, held_out,
                                                                  spec: str) -> None:
     model, inv = resnet if spec == "demo-resnet" else mobilenet
-    plan = _plan(_every_layer(inv))
+    plan = make_plan(_every_layer(inv))
     assert {c.kind for _, c in plan.configs()} == {"dwsep", "shuffle"}
     fitted, data_free = apply_plan(model, plan, inv, calib=calib), apply_plan(model, plan, inv)
     assert count_params(fitted) < count_params(model)
     with torch.no_grad():
         expected = model(held_out)
-        errors = _rel(fitted(held_out), expected), _rel(data_free(held_out), expected)
+        errors = relative_error(fitted(held_out), expected), relative_error(data_free(held_out), expected)
     assert errors[0] < errors[1], errors  # calibration pays off through the whole network
     torch.export.export(fitted, (torch.randn(*SHAPE),))
 
@@ -238,13 +223,14 @@ def test_torchvision_resnet18_and_mobilenet_v2(calib, held_out) -> None:
              "torchvision:mobilenet_v2": {"features.0.0": DWSEP, "features.2.conv.0.0": _shuffle(4),
                                           "features.2.conv.2": _shuffle(8)}}
     for spec, layers in cases.items():
-        model, inv = _built(spec, TV_SHAPE)
-        fitted = apply_plan(model, _plan(layers), inv, calib=rgb)
-        data_free = apply_plan(model, _plan(layers), inv)
+        model, inv = seeded_model(spec, TV_SHAPE)
+        fitted = apply_plan(model, make_plan(layers), inv, calib=rgb)
+        data_free = apply_plan(model, make_plan(layers), inv)
         for name in layers:
             x, y = _layer_io(model, name, held)
             with torch.no_grad():
-                ls, free = _rel(fitted.get_submodule(name)(x), y), _rel(data_free.get_submodule(name)(x), y)
+                ls = relative_error(fitted.get_submodule(name)(x), y)
+                free = relative_error(data_free.get_submodule(name)(x), y)
             assert ls < 0.7 * free, (spec, name, ls, free)
         with torch.no_grad():
             assert fitted(held).shape == (64, 10)
@@ -258,8 +244,8 @@ def test_compiled_substituted_model_matches_pytorch(mobilenet, calib, tmp_path: 
     from autocomp.hardware.profiles import load_profile
 
     model, inv = mobilenet
-    plan = _plan({"features.0.0": DWSEP, "features.2.conv.0.0": _shuffle(4),
-                  "features.5.conv.2.0": _shuffle(8)})
+    plan = make_plan({"features.0.0": DWSEP, "features.2.conv.0.0": _shuffle(4),
+                      "features.5.conv.2.0": _shuffle(8)})
     substituted = apply_plan(model, plan, inv, calib=calib)
     library = export_library(compile_model(substituted, SHAPE, load_profile("host")), tmp_path / "m.so")
     vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())

@@ -1,0 +1,26 @@
+"""Small helpers shared by the method tests."""
+
+import torch
+from torch import nn
+
+from autocomp.inventory import Inventory, build_inventory
+from autocomp.models import build_model
+from autocomp.plan import CompressionPlan
+
+
+def make_plan(layers: dict) -> CompressionPlan:
+    """A plan from its JSON ``layers`` object."""
+    return CompressionPlan.from_json({"version": 1, "layers": layers})
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected||."""
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def seeded_model(spec: str, shape: tuple[int, ...], **kwargs) -> tuple[nn.Module, Inventory]:
+    """A seeded model in eval mode and its inventory, without channel coupling (the methods
+    that do not prune need none, and tracing it is slow on factorised layers)."""
+    torch.manual_seed(0)
+    model = build_model(spec, num_classes=10, **kwargs).eval()
+    return model, build_inventory(model, shape, coupling=False)
