@@ -23,6 +23,7 @@ CHOICES = [
     {"method": "lowrank", "energy": 0.5},
     {"method": "lowrank", "kind": "tucker2", "rank": 0.25, "rank_out": 0.5},
     {"method": "lowrank", "kind": "cp", "rank": 0.05},
+    {"method": "lowrank", "kind": "tt", "rank": 0.5, "cores": 2},
     {"method": "substitute", "kind": "dwsep"},
     {"method": "substitute", "kind": "shuffle", "groups": 2},
     {"method": "sparsity", "sparsity": 0.7},
@@ -63,8 +64,9 @@ def test_method_on_torchvision(network, images: torch.Tensor, choice: dict) -> N
 
 
 @pytest.mark.parametrize("losses", [{"hint_weight": 1.0}, {"attention_weight": 10.0}, {"fsp_weight": 1.0},
-                                    {"meprop_keep": 0.25, "regularizer": "group_lasso"}],
-                         ids=["fitnets", "attention", "fsp", "meprop+group-lasso"])
+                                    {"meprop_keep": 0.25, "regularizer": "group_lasso"},
+                                    {"regularizer": "bn_l1"}, {"regularizer": "exclusive_sparsity"}],
+                         ids=["fitnets", "attention", "fsp", "meprop+group-lasso", "slimming", "exclusive"])
 def test_finetuning_losses_on_torchvision(network, images: torch.Tensor, losses: dict) -> None:
     model, inventory = network
     plan = CompressionPlan.from_json({"layers": {name: {"method": "prune", "ratio": 0.5}
@@ -76,3 +78,20 @@ def test_finetuning_losses_on_torchvision(network, images: torch.Tensor, losses:
     changed = [key for key, value in student.state_dict().items()
                if value.is_floating_point() and not torch.equal(value, before[key])]
     assert changed
+
+
+def test_admm_low_bit_training_on_torchvision(network, images: torch.Tensor) -> None:
+    model, inventory = network
+    names = [layer.name for layer in inventory.layers if layer.kind in ("conv", "dwconv")][:3]
+    plan = CompressionPlan.from_json({"layers": {name: {"method": "quant", "w_bits": 2, "admm_rho": 0.01}
+                                                 for name in names}})
+    student = apply_plan(model, plan, inventory)
+    data = torch.utils.data.TensorDataset(images, torch.randint(0, 10, (len(images),)))
+    finetune(student, model, data, FinetuneConfig(steps=3, batch_size=8))
+    for name in names:
+        layer = student.get_submodule(name)
+        integer = layer.integer_form()
+        assert int(integer.weight.abs().max()) <= 1  # 2-bit symmetric levels: -1, 0, 1
+        scale = integer.weight_scale.view(-1, *[1] * (integer.weight.dim() - 1))
+        dequantised = integer.weight.float() * scale
+        torch.testing.assert_close(layer.weight.detach(), dequantised, rtol=0, atol=0)
