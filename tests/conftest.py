@@ -50,3 +50,19 @@ def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def resnet():
+    """Seeded, untrained demo-resnet and its inventory (without channel coupling)."""
+    from helpers import seeded_model
+
+    return seeded_model("demo-resnet", (1, 1, 28, 28), in_channels=1)
+
+
+@pytest.fixture(scope="session")
+def mobilenet():
+    """Seeded, untrained demo-mobilenetv2 and its inventory (without channel coupling)."""
+    from helpers import seeded_model
+
+    return seeded_model("demo-mobilenetv2", (1, 1, 28, 28), in_channels=1)

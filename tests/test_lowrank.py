@@ -28,16 +28,6 @@ TV_SHAPE = (1, 3, 64, 64)
 KINDS = ("svd", "tucker2", "cp", "tt")
 
 
-@pytest.fixture(scope="module")
-def resnet():
-    return seeded_model("demo-resnet", SHAPE, in_channels=1)
-
-
-@pytest.fixture(scope="module")
-def mobilenet():
-    return seeded_model("demo-mobilenetv2", SHAPE, in_channels=1)
-
-
 def test_the_svd_json_keeps_its_meaning_and_other_kinds_round_trip() -> None:
     config = config_from_json({"method": "lowrank", "rank": 0.5})
     assert config == LowRankConfig(0.5) and config.kind == "svd"

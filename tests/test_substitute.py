@@ -53,16 +53,6 @@ def held_out(fmnist: DataSplits) -> torch.Tensor:
     return torch.stack([image for image, _ in take(fmnist.val, 256)])
 
 
-@pytest.fixture(scope="module")
-def resnet():
-    return seeded_model("demo-resnet", SHAPE, in_channels=1)
-
-
-@pytest.fixture(scope="module")
-def mobilenet():
-    return seeded_model("demo-mobilenetv2", SHAPE, in_channels=1)
-
-
 def test_json_forms_and_bad_configs() -> None:
     for data in (DWSEP, _shuffle(4)):
         assert config_from_json(data).to_json() == data
