@@ -131,6 +131,15 @@ def _positive(value: int | None, option: str) -> None:
         raise AutocompError(f"{option} must be positive, not {value}")
 
 
+def _model_source(args: argparse.Namespace, spec: str, data):
+    """The model named on the command line, shaped for ``data``, weights path made absolute."""
+    from autocomp.baseline import ModelSource
+
+    weights = str(Path(args.weights).resolve()) if args.weights else None
+    return ModelSource(spec, args.num_classes or data.num_classes, data.sample_shape[0],
+                       data.sample_shape[-1], args.adapt_stem, weights)
+
+
 def _setup_torch() -> None:
     import os
 
@@ -142,16 +151,13 @@ def _setup_torch() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from autocomp.baseline import ModelSource
     from autocomp.data import load_data
     from autocomp.train import evaluate, train
 
     _positive(args.epochs, "--epochs")
     _setup_torch()
     data = load_data(args.data, image_size=args.image_size)
-    source = ModelSource(args.model, args.num_classes or data.num_classes, data.sample_shape[0],
-                         data.sample_shape[-1], args.adapt_stem, args.weights)
-    model = source.build()
+    model = _model_source(args, args.model, data).build()
     if args.out.is_dir():
         raise AutocompError(f"--out {args.out} is a folder; give a file path such as model.pt")
     print(f"training {args.model} on {args.data}: {len(data.train)} train / {len(data.val)} val "
@@ -212,7 +218,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from autocomp.baseline import ModelSource, cached_baseline
+    from autocomp.baseline import cached_baseline
     from autocomp.data import load_data
     from autocomp.export import export_trial
     from autocomp.hardware.profiles import load_profile
@@ -240,9 +246,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     name = check_name(args.name or f"{model_spec.split(':')[-1].replace('.py', '')}-{profile.name}")
     _setup_torch()
     data = load_data(data_spec, image_size=args.image_size)
-    weights = str(Path(args.weights).resolve()) if args.weights else None
-    source = ModelSource(model_spec, args.num_classes or data.num_classes, data.sample_shape[0],
-                         data.sample_shape[-1], args.adapt_stem, weights)
+    source = _model_source(args, model_spec, data)
     source.build()  # fail fast on a bad spec or weights, before anything is written
     print(f"{'demo' if demo else 'search'}: compressing {model_spec} on {data_spec} for target "
           f"{profile.name}, budget {budget_text or 'none'}, {trials} trials, space {space.name}; "
@@ -265,7 +269,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     import torch
 
-    from autocomp.baseline import ModelSource
     from autocomp.compress import apply_plan, count_params, size_bytes
     from autocomp.data import calibration_loader, load_data
     from autocomp.distill import finetune
@@ -287,13 +290,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     plan = CompressionPlan.load(args.plan)
     _setup_torch()
     data = load_data(args.data, image_size=args.image_size)
-    weights = str(Path(args.weights).resolve()) if args.weights else None
-    source = ModelSource(args.model, args.num_classes or data.num_classes, data.sample_shape[0],
-                         data.sample_shape[-1], args.adapt_stem, weights)
+    source = _model_source(args, args.model, data)
     model = source.build()
     shape = (1, *data.sample_shape)
     inventory = build_inventory(model, shape)
-    plan.validate(inventory)  # before any work
     calib = calibration_loader(data.train, args.calib_images, args.seed)
     compressed = apply_plan(model, plan, inventory, channel_multiple=args.channel_multiple,
                             calib=calib)
@@ -316,8 +316,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         plan.save(staging / "plan.json")
         torch.save(compressed.state_dict(), staging / "model.pt")
         (staging / "compress.json").write_text(json.dumps(
-            {"model": source.spec, "weights": weights, "data": args.data, "plan_summary": plan.describe(),
-             "finetune": asdict(ft), "figures": report}, indent=2) + "\n")
+            {"model": source.spec, "weights": source.weights, "data": args.data,
+             "plan_summary": plan.describe(), "finetune": asdict(ft), "figures": report}, indent=2) + "\n")
     print(f"wrote {args.out}/plan.json, model.pt and compress.json")
     return 0
 
