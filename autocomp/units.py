@@ -43,6 +43,27 @@ def parse_budget(text: str) -> LatencyBudget:
     return LatencyBudget(text=text.strip(), seconds=value * _TIME_UNITS[unit])
 
 
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(B|KB|KiB|K|MB|MiB|M|GB|GiB|G)\s*$", re.IGNORECASE)
+_BYTE_UNITS = {"b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+               "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a memory size such as ``320KB``, ``1MB`` or ``2048B``.
+
+    KB and MB are binary (1024, 1024^2), as microcontroller datasheets count them:
+    the STM32F746's "320 KB" of SRAM is 327,680 bytes.
+    """
+    match = _BYTES_RE.match(str(text))
+    if not match:
+        raise AutocompError(f"cannot read memory size {text!r}: use a number with B, KB, MB or GB "
+                            "(320KB, 1MB)")
+    count = float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()]
+    if count <= 0:
+        raise AutocompError(f"memory size {text!r} must be positive")
+    return int(count)
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """Parse an input shape such as ``1,3,224,224``."""
     try:

@@ -18,19 +18,46 @@ def test_host_profile_is_measured_locally() -> None:
     assert profile.tvm_target["kind"] == "llvm" and profile.tvm_target["mcpu"] != "auto"
 
 
+def test_every_bundled_profile_loads_with_its_facts() -> None:
+    profiles = {name: load_profile(name) for name in available_profiles()}
+    assert {"host", "arm-a53", "arm-a76", "cortex-m7", "gpu"} <= set(profiles)
+    m7 = profiles["cortex-m7"]
+    assert m7.memory.sram_bytes == 320 * 1024 and m7.memory.flash_bytes == 1024 * 1024
+    assert m7.dtypes == ("int8",) and m7.export.format == "c-sources"
+    assert profiles["arm-a53"].tvm_target["mtriple"] == "aarch64-linux-gnu"
+    assert profiles["arm-a53"].export.cross_compiler == "aarch64-linux-gnu-g++"
+    for profile in profiles.values():
+        assert profile.cost_model.constants, profile.name
+        assert set(profile.cost_model.constants) == set(profile.cost_model.sources)
+        if not profile.measured:
+            assert profile.how().startswith("estimated by the")
+    assert len({p.target_key for p in profiles.values()}) == len(profiles)
+
+
 def test_unknown_target() -> None:
     with pytest.raises(AutocompError, match="unknown target 'phone'"):
         load_profile("phone")
 
 
+_GOOD = ("description: x\ntvm_target: {kind: llvm}\n"
+         "latency: {method: local, threads: 1, tuning: untuned}\n"
+         "export: {format: shared-library}\ndtypes: [float32]\nchannel_multiple: 1\n"
+         "cost_model: {version: v1, fitted_to: nothing, constants: {}}\n")
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("name: bad\n", r"bad\.yaml: channel_multiple: missing"),
-    ("name: other\ndescription: x\ntvm_target: {kind: llvm}\nlatency: {method: local, threads: 1,"
-     " tuning: untuned}\nchannel_multiple: 1\n", "name: 'other' does not match"),
-    ("name: bad\ndescription: x\ntvm_target: {kind: llvm}\nlatency: {method: local, threads: 0,"
-     " tuning: untuned}\nchannel_multiple: 1\n", "latency.threads: must be"),
-    ("name: bad\ndescription: x\ntvm_target: {kind: llvm, colour: red}\nlatency: {}\n"
-     "channel_multiple: 1\n", "tvm_target.colour: unknown key"),
+    ("name: other\n" + _GOOD, "name: 'other' does not match"),
+    ("name: bad\n" + _GOOD.replace("threads: 1", "threads: 0"), "latency.threads: must be"),
+    ("name: bad\n" + _GOOD.replace("{kind: llvm}", "{kind: llvm, colour: red}"),
+     "tvm_target.colour: unknown key"),
+    ("name: bad\n" + _GOOD.replace("{kind: llvm}", "{kind: toaster}"), "tvm_target: TVM rejects"),
+    ("name: bad\n" + _GOOD.replace("method: local", "method: rpc"), "latency.rpc: missing"),
+    ("name: bad\n" + _GOOD.replace("method: local", "method: phone"), "latency.method: 'phone'"),
+    ("name: bad\n" + _GOOD + "memory: {sram: lots}\n", "memory.sram: cannot read memory size"),
+    ("name: bad\n" + _GOOD.replace("[float32]", "[float16]"), r"dtypes\[0\]: 'float16'"),
+    ("name: bad\n" + _GOOD.replace("constants: {}", "constants: {clock_hz: {value: fast, source: me}}"),
+     "cost_model.constants.clock_hz.value: must be a number"),
     ("name: bad\ndescription: [x\n", "not valid YAML"),
 ])
 def test_bad_profiles_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:

@@ -1,7 +1,7 @@
 import pytest
 
 from autocomp.errors import AutocompError
-from autocomp.units import parse_budget, parse_shape
+from autocomp.units import parse_budget, parse_bytes, parse_shape
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -30,3 +30,15 @@ def test_shapes() -> None:
     for bad in ("1,3,x", "224", "1,0,3"):
         with pytest.raises(AutocompError):
             parse_shape(bad)
+
+
+@pytest.mark.parametrize(("text", "count"), [("320KB", 327680), ("1MB", 1048576), ("2048B", 2048),
+                                             ("1.5 MiB", 1572864), ("4GB", 4 * 1024**3)])
+def test_memory_sizes_are_binary(text: str, count: int) -> None:
+    assert parse_bytes(text) == count
+
+
+@pytest.mark.parametrize("text", ["lots", "12", "0KB", "-1MB"])
+def test_bad_memory_sizes(text: str) -> None:
+    with pytest.raises(AutocompError, match="memory size"):
+        parse_bytes(text)
