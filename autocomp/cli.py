@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from autocomp.cli_hardware import add_hardware_commands, cmd_latency, cmd_targets
 from autocomp.errors import AutocompError
 from autocomp.units import format_bytes, format_count, format_seconds
 
@@ -59,14 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
-    targets = commands.add_parser("targets", help="list hardware profiles")
-    targets.add_argument("--json", action="store_true", help="print JSON")
+    add_hardware_commands(commands, _add_model_args)
 
     search = commands.add_parser(
         "search", help="search per-layer compression plans (no --model/--data: the demo)")
     _add_model_args(search, model_required=False)
     _add_data_args(search, required=False)
     search.add_argument("--target", default="host", help="hardware profile (autocomp targets)")
+    search.add_argument("--untuned", action="store_true",
+                        help="compile with TVM's default schedules instead of tuned kernels (fast to "
+                             "compile, far slower kernels; every latency is labelled 'untuned')")
     search.add_argument("--budget", help="latency limit: 20ms, 1.5s, 800us, or 60%% of the "
                                          f"uncompressed model (demo: {DEMO_BUDGET})")
     search.add_argument("--trials", type=int, help=f"trials to finish (demo: {DEMO_TRIALS})")
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"train": cmd_train, "inspect": cmd_inspect, "targets": cmd_targets,
+                   "latency": cmd_latency,
                    "search": cmd_search, "compress": cmd_compress, "export": cmd_export}[args.command]
         return handler(args) or 0
     except AutocompError as err:
@@ -201,27 +205,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_targets(args: argparse.Namespace) -> int:
-    from autocomp.hardware.profiles import available_profiles, load_profile
-
-    profiles = [load_profile(name) for name in available_profiles()]
-    if args.json:
-        print(json.dumps([{"name": p.name, "description": p.description, "source": str(p.source),
-                           "latency": "measured" if p.measured else "estimated",
-                           "how": p.how(), "tvm_target": p.tvm_target} for p in profiles],
-                         indent=2))
-        return 0
-    for p in profiles:
-        print(f"{p.name:<12} {'measured' if p.measured else 'estimated':<9} {p.how()}")
-        print(f"{'':<12} {p.description}; profile {p.source}")
-    return 0
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     from autocomp.baseline import cached_baseline
     from autocomp.data import load_data
     from autocomp.export import export_trial
-    from autocomp.hardware.profiles import load_profile
+    from autocomp.hardware.profiles import load_target
     from autocomp.search.driver import run_search
     from autocomp.search.run import RunSettings, check_name
     from autocomp.search.space import load_space
@@ -237,7 +225,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                           (args.baseline_epochs, "--baseline-epochs")):
         _positive(value, option)
     budget = parse_budget(budget_text) if budget_text else None
-    profile = load_profile(args.target)
+    profile = load_target(args.target, untuned=args.untuned)
     space = load_space(args.space)
     if args.finetune_steps:
         from dataclasses import replace
@@ -255,7 +243,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         source, _ = cached_baseline(source, data, args.baseline_epochs)
     settings = RunSettings(name, source, data_spec, profile.name, space.name,
                            budget.text if budget else None, trials, args.seed, args.train_subset,
-                           args.val_subset)
+                           args.val_subset, untuned=args.untuned)
     outcome = run_search(settings, args.runs_dir, data, profile, space, budget)
     if demo and not args.no_export and outcome.best is not None:
         out = outcome.run_dir / "export" / f"trial-{outcome.best.number}"

@@ -98,3 +98,11 @@ def format_bytes(count: float) -> str:
         if abs(count) >= scale:
             return f"{count / scale:.3g} {suffix}"
     return f"{count:.0f} B"
+
+
+def format_memory(count: float) -> str:
+    """Memory size in binary units, as ``parse_bytes`` reads them: ``320 KiB``, ``1 MiB``."""
+    for suffix, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(count) >= scale:
+            return f"{count / scale:.4g} {suffix}"
+    return f"{count:.0f} B"

@@ -9,7 +9,7 @@ for it, and its memory limits.
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,14 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     elif not path.is_file():
         raise AutocompError(f"target profile {path} does not exist")
     return _parse(read_yaml(path), Checker(path))
+
+
+def load_target(name_or_path: str, *, untuned: bool = False) -> HardwareProfile:
+    """``load_profile``, with tuning switched off when the user asked for ``--untuned``."""
+    profile = load_profile(name_or_path)
+    if untuned:
+        profile = replace(profile, latency=replace(profile.latency, tuning="untuned"))
+    return profile
 
 
 def _parse(data: Any, check: Checker) -> HardwareProfile:

@@ -8,10 +8,11 @@ from typing import Any
 
 from autocomp.baseline import ModelSource
 from autocomp.errors import AutocompError
+from autocomp.hardware.profiles import HardwareProfile, load_target
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Settings that must not change when a run is resumed: they define what the trials mean.
-FIXED_ON_RESUME = ("model", "data", "target", "space", "budget", "seed", "train_subset",
+FIXED_ON_RESUME = ("model", "data", "target", "untuned", "space", "budget", "seed", "train_subset",
                    "val_subset")
 
 
@@ -29,11 +30,16 @@ class RunSettings:
     seed: int = 0
     train_subset: int | None = None
     val_subset: int | None = None
+    untuned: bool = False  # compiled with TVM's default schedules (--untuned), not tuned kernels
     baseline: dict[str, Any] = field(default_factory=dict)  # accuracy, latency, budget_s
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return (1, self.model.in_channels, self.model.input_size, self.model.input_size)
+
+    def load_target(self) -> HardwareProfile:
+        """The run's hardware profile, untuned when the run was."""
+        return load_target(self.target, untuned=self.untuned)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,8 +77,8 @@ def check_resumable(saved: RunSettings, wanted: RunSettings) -> None:
     """Refuse to resume a run with settings that would change what its trials mean."""
     old, new = saved.to_json(), wanted.to_json()
     for key in FIXED_ON_RESUME:
-        if old[key] != new[key]:
+        if old.get(key) != new.get(key):
             raise AutocompError(
-                f"run {saved.name!r} exists with {key} = {json.dumps(old[key])}, not "
-                f"{json.dumps(new[key])}: rerun with the same settings to resume, or pick a new --name"
+                f"run {saved.name!r} exists with {key} = {json.dumps(old.get(key))}, not "
+                f"{json.dumps(new.get(key))}: rerun with the same settings to resume, or pick a new --name"
             )

@@ -1,0 +1,140 @@
+"""The hardware commands of the ``autocomp`` CLI: ``targets``, ``latency``, ``profile``, ``calibrate``."""
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from autocomp.errors import AutocompError
+from autocomp.hardware.profiles import HardwareProfile
+from autocomp.units import format_bytes, format_count, format_memory, format_seconds
+
+
+def add_hardware_commands(commands: argparse._SubParsersAction, add_model_args) -> None:
+    """Register the hardware subcommands on the CLI's subparsers."""
+    targets = commands.add_parser("targets", help="list hardware profiles and how each gets latency")
+    targets.add_argument("--json", action="store_true", help="print JSON")
+
+    latency = commands.add_parser("latency", help="a model's (or a compressed model's) latency on a target")
+    _add_model_and_target_args(latency, add_model_args)
+    latency.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_model_and_target_args(parser: argparse.ArgumentParser, add_model_args) -> None:
+    add_model_args(parser, model_required=True)
+    parser.add_argument("--input-shape", help="e.g. 1,3,224,224 (default: the data's shape with "
+                                              "--data, else 1,1,28,28 for demo models)")
+    parser.add_argument("--plan", type=Path, help="compression plan (JSON) to apply first")
+    parser.add_argument("--data", help="images to calibrate the plan's methods on (quantization, "
+                                       "substitution need them)")
+    parser.add_argument("--target", default="host", help="hardware profile (autocomp targets)")
+    parser.add_argument("--untuned", action="store_true",
+                        help="compile with TVM's default schedules instead of tuned kernels "
+                             "(fast, but far slower kernels; labelled 'untuned')")
+
+
+@dataclass
+class TargetModel:
+    """A model prepared for a target, with what the user should know about how it was built."""
+
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    profile: HardwareProfile
+    plan_summary: str
+
+
+def prepare(args: argparse.Namespace) -> TargetModel:
+    """Build the named model, apply ``--plan``, and load the target profile (``--untuned`` applied)."""
+    from autocomp.baseline import ModelSource
+    from autocomp.hardware.profiles import load_target
+    from autocomp.units import parse_shape
+
+    profile = load_target(args.target, untuned=args.untuned)
+    data = None
+    if args.data:
+        from autocomp.data import load_data
+
+        data = load_data(args.data)
+    if args.input_shape:
+        shape = parse_shape(args.input_shape)
+    elif data is not None:
+        shape = (1, *data.sample_shape)
+    elif args.model.startswith("demo-"):
+        shape = (1, 1, 28, 28)
+    else:
+        raise AutocompError("give --input-shape (e.g. 1,3,224,224) or --data for this model")
+    default_classes = data.num_classes if data else (10 if args.model.startswith("demo-") else 1000)
+    weights = str(Path(args.weights).resolve()) if args.weights else None
+    source = ModelSource(args.model, args.num_classes or default_classes, shape[1], shape[-1],
+                         args.adapt_stem, weights)
+    model = source.build()
+    summary = "none"
+    if args.plan:
+        from autocomp.compress import apply_plan
+        from autocomp.data import calibration_loader
+        from autocomp.inventory import build_inventory
+        from autocomp.plan import CompressionPlan
+
+        plan = CompressionPlan.load(args.plan)
+        calib = calibration_loader(data.train) if data is not None else None
+        model = apply_plan(model, plan, build_inventory(model, shape),
+                           channel_multiple=profile.channel_multiple, calib=calib)
+        summary = plan.describe()
+    return TargetModel(model.eval(), shape, profile, summary)
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from autocomp.hardware.profiles import available_profiles, load_profile
+
+    profiles = [load_profile(name) for name in available_profiles()]
+    if args.json:
+        print(json.dumps([{"name": p.name, "description": p.description, "source": str(p.source),
+                           "latency": "measured" if p.measured else "estimated",
+                           "how": p.how(), "tvm_target": p.tvm_target,
+                           "export": p.export.format, "dtypes": list(p.dtypes),
+                           "memory": {"ram": p.memory.ram_bytes, "sram": p.memory.sram_bytes,
+                                      "flash": p.memory.flash_bytes}} for p in profiles], indent=2))
+        return 0
+    for p in profiles:
+        print(f"{p.name:<10} {'measured' if p.measured else 'estimated':<9} {p.how()}")
+        limits = ", ".join(f"{key} {format_memory(value)}" for key, value in
+                           (("RAM", p.memory.ram_bytes), ("SRAM", p.memory.sram_bytes),
+                            ("flash", p.memory.flash_bytes)) if value)
+        print(f"{'':<10} {p.description}")
+        print(f"{'':<10} export {p.export.format}"
+              f"{' via ' + p.export.cross_compiler if p.export.cross_compiler else ''}; "
+              f"dtypes {', '.join(p.dtypes)}{'; ' + limits if limits else ''}")
+        print(f"{'':<10} profile {p.source}")
+    return 0
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from autocomp.compress import count_params, size_bytes
+    from autocomp.hardware.measure import make_measurer
+    from autocomp.inventory import build_inventory
+
+    target = prepare(args)
+    measurer = make_measurer(target.profile)
+    try:
+        latency = measurer.measure(target.model, target.input_shape)
+    finally:
+        measurer.close()
+    figures = {
+        "model": args.model, "plan": target.plan_summary, "target": target.profile.name,
+        "input_shape": list(target.input_shape), "latency": latency.to_json(),
+        "params": count_params(target.model),
+        "macs": build_inventory(target.model, target.input_shape, coupling=False).macs,
+        "size_bytes": size_bytes(target.model),
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    shape = "x".join(map(str, target.input_shape))
+    print(f"{args.model} ({shape}) on {target.profile.name}, plan: {target.plan_summary}")
+    print(f"latency   {format_seconds(latency.median_s)} (p10 {format_seconds(latency.p10_s)}, "
+          f"p90 {format_seconds(latency.p90_s)}): {latency.provenance}")
+    print(f"model     {format_count(figures['params'])} params, {format_count(figures['macs'])} MACs, "
+          f"{format_bytes(figures['size_bytes'])} of weights as stored")
+    return 0
