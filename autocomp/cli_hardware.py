@@ -17,6 +17,16 @@ def add_hardware_commands(commands: argparse._SubParsersAction, add_model_args) 
     targets = commands.add_parser("targets", help="list hardware profiles and how each gets latency")
     targets.add_argument("--json", action="store_true", help="print JSON")
 
+    calibrate = commands.add_parser(
+        "calibrate", help="fit a target's cost model to a reachable device or to published figures")
+    calibrate.add_argument("--target", required=True, help="hardware profile (autocomp targets)")
+    calibrate.add_argument("--anchors", nargs="?", const="", default=None, metavar="FILE",
+                           help="fit published figures instead of measuring (default file: "
+                                "hw_profiles/anchors/TARGET.yaml)")
+    calibrate.add_argument("--out", type=Path, help="profile YAML to write (default: the user copy "
+                                                    "in the cache, which autocomp then uses)")
+    calibrate.add_argument("--json", action="store_true", help="print one JSON object")
+
     latency = commands.add_parser("latency", help="a model's (or a compressed model's) latency on a target")
     _add_model_and_target_args(latency, add_model_args)
     latency.add_argument("--json", action="store_true", help="print one JSON object")
@@ -137,4 +147,23 @@ def cmd_latency(args: argparse.Namespace) -> int:
           f"p90 {format_seconds(latency.p90_s)}): {latency.provenance}")
     print(f"model     {format_count(figures['params'])} params, {format_count(figures['macs'])} MACs, "
           f"{format_bytes(figures['size_bytes'])} of weights as stored")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from autocomp.hardware.calibrate import anchors_dir, calibrate
+    from autocomp.hardware.profiles import load_profile
+
+    profile = load_profile(args.target)
+    against: str | Path = "device"
+    if args.anchors is not None:
+        against = Path(args.anchors) if args.anchors else anchors_dir() / f"{profile.name}.yaml"
+        if not Path(against).is_file():
+            raise AutocompError(f"no published figures for {profile.name} at {against}")
+    elif not profile.measured:
+        raise AutocompError(f"target {profile.name} has no reachable device to measure: fit it to "
+                            f"published figures with --anchors")
+    say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
+    result = calibrate(profile, against, out=args.out, progress=say)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
     return 0

@@ -103,8 +103,9 @@ class LocalMeasurer:
 
 
 def make_measurer(profile: HardwareProfile) -> Measurer:
-    """The measurer a profile asks for."""
-    if profile.latency.method == "local":
-        return LocalMeasurer(profile)
-    raise AutocompError(f"target {profile.name}: latency method {profile.latency.method!r} "
-                        "is not available")
+    """The measurer a profile asks for: local, RPC, or the profile's cost-model estimate."""
+    from autocomp.hardware.estimate import EstimateMeasurer
+
+    if profile.latency.method == "estimate":
+        return EstimateMeasurer(profile)
+    return LocalMeasurer(profile)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autocomp.errors import AutocompError
-from autocomp.paths import bundled_dir
+from autocomp.paths import bundled_dir, cache_dir
 from autocomp.units import parse_bytes
 from autocomp.yaml_files import Checker, read_yaml
 
@@ -137,11 +137,21 @@ def available_profiles() -> list[str]:
     return sorted(path.stem for path in profiles_dir().glob("*.yaml"))
 
 
+def calibrated_dir() -> Path:
+    """Where ``autocomp calibrate`` writes the user's calibrated copies of profiles."""
+    return cache_dir() / "profiles"
+
+
 def load_profile(name_or_path: str) -> HardwareProfile:
-    """Load a profile by name (``host``) or by the path of a YAML file."""
+    """Load a profile by name (``host``) or by the path of a YAML file.
+
+    A name finds the user's calibrated copy (``autocomp calibrate``) before the bundled profile.
+    """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = profiles_dir() / f"{name_or_path}.yaml"
+        path = calibrated_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            path = profiles_dir() / f"{name_or_path}.yaml"
         if not path.is_file():
             known = ", ".join(available_profiles())
             raise AutocompError(f"unknown target {name_or_path!r} (known: {known})")

@@ -11,7 +11,8 @@ from torch import nn
 from autocomp.errors import AutocompError
 from autocomp.models.demo import DEMO_MODELS
 
-MODEL_SPEC_HELP = "demo-resnet, demo-mobilenetv2, torchvision:NAME or FILE.py:FACTORY"
+MODEL_SPEC_HELP = ("demo-resnet, demo-mobilenetv2, torchvision:NAME, reference:mobilenet_v1 "
+                   "or FILE.py:FACTORY")
 # torchvision classifiers whose auxiliary heads only make sense for their own training recipe.
 _NO_AUX = {"googlenet", "inception_v3"}
 
@@ -30,6 +31,13 @@ def build_model(spec: str, *, num_classes: int, in_channels: int = 3,
         if adapt_stem:
             _adapt_stem(model, in_channels, small_input=input_size <= 64)
         return model
+    if spec.startswith("reference:"):
+        from autocomp.models.reference import REFERENCE_MODELS
+
+        name = spec.removeprefix("reference:")
+        if name not in REFERENCE_MODELS:
+            raise AutocompError(f"unknown reference model {name!r} (known: {', '.join(REFERENCE_MODELS)})")
+        return REFERENCE_MODELS[name](num_classes=num_classes, in_channels=in_channels)
     if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
         return _factory_model(spec, num_classes)
     suggestion = difflib.get_close_matches(spec, list(DEMO_MODELS), n=1)
