@@ -176,7 +176,7 @@ def _parse(data: Any, check: Checker) -> HardwareProfile:
         raise check.fail("name", f"{top['name']!r} does not match the file name")
     latency = _latency(top["latency"], check)
     target = _target(top["tvm_target"], check)
-    if target["kind"] in ("llvm", "c"):
+    if target["kind"] == "llvm":
         target.setdefault("num-cores", latency.threads)
     dtypes = top["dtypes"]
     if not isinstance(dtypes, list) or not dtypes:
