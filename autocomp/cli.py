@@ -5,7 +5,13 @@ import json
 import sys
 from pathlib import Path
 
-from autocomp.cli_hardware import add_hardware_commands, cmd_calibrate, cmd_latency, cmd_targets
+from autocomp.cli_hardware import (
+    add_hardware_commands,
+    cmd_calibrate,
+    cmd_latency,
+    cmd_profile,
+    cmd_targets,
+)
 from autocomp.errors import AutocompError
 from autocomp.units import format_bytes, format_count, format_seconds
 
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"train": cmd_train, "inspect": cmd_inspect, "targets": cmd_targets,
-                   "latency": cmd_latency, "calibrate": cmd_calibrate,
+                   "latency": cmd_latency, "calibrate": cmd_calibrate, "profile": cmd_profile,
                    "search": cmd_search, "compress": cmd_compress, "export": cmd_export}[args.command]
         return handler(args) or 0
     except AutocompError as err:

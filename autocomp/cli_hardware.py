@@ -27,6 +27,10 @@ def add_hardware_commands(commands: argparse._SubParsersAction, add_model_args) 
                                                     "in the cache, which autocomp then uses)")
     calibrate.add_argument("--json", action="store_true", help="print one JSON object")
 
+    profile = commands.add_parser("profile", help="per-layer latency breakdown on a target")
+    _add_model_and_target_args(profile, add_model_args)
+    profile.add_argument("--json", action="store_true", help="print one JSON object")
+
     latency = commands.add_parser("latency", help="a model's (or a compressed model's) latency on a target")
     _add_model_and_target_args(latency, add_model_args)
     latency.add_argument("--json", action="store_true", help="print one JSON object")
@@ -122,6 +126,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_latency(args: argparse.Namespace) -> int:
     from autocomp.compress import count_params, size_bytes
+    from autocomp.hardware.mcu_memory import device_memory
     from autocomp.hardware.measure import make_measurer
     from autocomp.inventory import build_inventory
 
@@ -138,6 +143,10 @@ def cmd_latency(args: argparse.Namespace) -> int:
         "macs": build_inventory(target.model, target.input_shape, coupling=False).macs,
         "size_bytes": size_bytes(target.model),
     }
+    memory = device_memory(target.model, target.input_shape, target.profile)
+    if memory is not None:
+        figures["memory"] = memory.as_dict()
+        figures["over_memory"] = memory.exceeds(target.profile.memory)
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
@@ -147,6 +156,13 @@ def cmd_latency(args: argparse.Namespace) -> int:
           f"p90 {format_seconds(latency.p90_s)}): {latency.provenance}")
     print(f"model     {format_count(figures['params'])} params, {format_count(figures['macs'])} MACs, "
           f"{format_bytes(figures['size_bytes'])} of weights as stored")
+    if memory is not None:
+        limits = target.profile.memory
+        print(f"memory    peak SRAM {format_memory(memory.sram_bytes)} of "
+              f"{format_memory(limits.sram_bytes)}, flash {format_memory(memory.flash_bytes)} of "
+              f"{format_memory(limits.flash_bytes)} "
+              f"({'; '.join(memory.notes)})")
+        print(f"          {'does not fit: ' + figures['over_memory'] if figures['over_memory'] else 'fits'}")
     return 0
 
 
@@ -166,4 +182,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
     result = calibrate(profile, against, out=args.out, progress=say)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from autocomp.hardware.breakdown import profile_model
+    from autocomp.hardware.estimate import estimate
+
+    target = prepare(args)
+    lat = target.profile.latency
+    if not (lat.method == "local" and lat.device == "cpu"):
+        # Kernels are timed in place only on this machine's CPU; elsewhere the cost model's
+        # per-op figures are the breakdown (each line says it is estimated).
+        result = estimate(target.model, target.input_shape, target.profile)
+        print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
+        return 0
+    breakdown = profile_model(target.model, target.input_shape, target.profile)
+    if args.json:
+        print(json.dumps(breakdown.to_json(), indent=2))
+        return 0
+    print(breakdown.table())
+    print("\nper layer:")
+    for layer, seconds, share in breakdown.by_layer():
+        print(f"  {layer or '(outside layers)':<40} {format_seconds(seconds):>10} {share:>6.1%}")
     return 0

@@ -424,6 +424,15 @@ def mcu_memory(model: nn.Module, input_shape: tuple[int, ...], profile: Hardware
     return program_memory(program, model, profile, code=code)
 
 
+def device_memory(model: nn.Module, input_shape: tuple[int, ...],
+                  profile: HardwareProfile) -> McuMemory | None:
+    """``mcu_memory`` for profiles with SRAM or flash limits (the search's memory constraints),
+    None for targets without them."""
+    if profile.export.format != "c-sources" or not (profile.memory.sram_bytes or profile.memory.flash_bytes):
+        return None
+    return mcu_memory(model, input_shape, profile)
+
+
 def program_memory(program: McuProgram, model: nn.Module, profile: HardwareProfile | None = None, *,
                    code: bool = True) -> McuMemory:
     """``mcu_memory`` for a program already lowered from ``model``."""

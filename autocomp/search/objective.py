@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from autocomp.compress import apply_plan, count_params, size_bytes
 from autocomp.distill import finetune
+from autocomp.hardware.mcu_memory import device_memory
 from autocomp.hardware.measure import Measurer
 from autocomp.hardware.profiles import HardwareProfile
 from autocomp.inventory import Inventory, build_inventory
@@ -80,7 +81,9 @@ class TrialObjective:
 
         params = count_params(model)
         macs = build_inventory(model, tuple(ctx.inventory.input_shape), coupling=False).macs
-        feasible = ctx.budget_s is None or latency.median_s <= ctx.budget_s
+        memory = device_memory(model, tuple(ctx.inventory.input_shape), ctx.profile)
+        over_memory = memory.exceeds(ctx.profile.memory) if memory is not None else None
+        feasible = (ctx.budget_s is None or latency.median_s <= ctx.budget_s) and over_memory is None
         metrics = {
             "trial": trial.number,
             "plan_digest": plan.digest(),
@@ -92,6 +95,8 @@ class TrialObjective:
             "size_bytes": size_bytes(model),
             "budget_s": ctx.budget_s,
             "feasible": feasible,
+            "memory": memory.as_dict() if memory is not None else None,
+            "over_memory": over_memory,
             "finetune_steps": ctx.space.finetune.steps if plan.layers else 0,
             "timings": timings,
         }
@@ -104,5 +109,11 @@ class TrialObjective:
         # respect, rather than a penalty folded into the objectives.
         slack = 0.0 if ctx.budget_s is None else latency.median_s - ctx.budget_s
         trial.set_constraint("latency_over_budget_s", slack)
+        if memory is not None:
+            limits = ctx.profile.memory
+            for key, used, limit in (("sram", memory.sram_bytes, limits.sram_bytes),
+                                     ("flash", memory.flash_bytes, limits.flash_bytes)):
+                if limit:
+                    trial.set_constraint(f"{key}_over_limit", (used - limit) / limit)
         return accuracy, latency.median_s * 1e3, float(params)
 

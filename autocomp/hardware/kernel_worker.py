@@ -1,0 +1,183 @@
+"""Kernel timing worker: times single TVM kernels, and every kernel call inside a model.
+
+Like ``timer_worker`` it runs in its own process, started with ``TVM_NUM_THREADS``
+set to the profile's thread count and with no PyTorch loaded, so the timings are
+those the model would see. Protocol: one JSON request per line on stdin, one JSON
+reply per line on stdout. Requests:
+
+- ``{"op": "kernels", "library", "device", "repeat", "min_repeat_ms", "kernels":
+  [{"symbol", "args": [[shape, dtype], ...]}]}``: each kernel alone on random
+  inputs of its real shapes and dtypes; replies ``{"seconds": {symbol: [...]},
+  "errors": {symbol: reason}}``.
+- ``{"op": "profile", "library", "device", "shape", "dtype", "kernels": [symbol],
+  "runs"}``: the model's ``main`` run ``runs`` times with the VM calling back around
+  each call; replies ``{"calls": [[symbol, [seconds per run]], ...]}`` in call order.
+
+``WorkerClient`` is the parent's side: it starts the worker, restarts it once
+when a kernel crashes it, and turns its errors into ``AutocompError``.
+``shared_worker`` keeps one per thread count for the whole process (starting
+one imports TVM, several seconds).
+"""
+
+import atexit
+import json
+import os
+import subprocess
+import sys
+
+from autocomp.errors import AutocompError
+
+
+def _device(name: str):
+    import tvm
+
+    return tvm.cuda() if name == "cuda" else tvm.cpu()
+
+
+def random_tensor(shape: list[int], dtype: str, device, rng):
+    """Inputs no kernel trips over: normal floats, and ones for integers (valid divisors;
+    integer arithmetic takes the same time whatever the values)."""
+    import numpy as np
+    import tvm
+
+    if dtype.startswith(("float", "bfloat")):
+        data = rng.standard_normal(shape).astype(dtype)
+    elif dtype == "bool":
+        data = rng.integers(0, 2, shape).astype(bool)
+    else:
+        data = np.ones(shape, dtype=dtype)
+    return tvm.runtime.tensor(data, device)
+
+
+def _time_kernels(request: dict) -> dict:
+    import numpy as np
+    import tvm
+
+    device = _device(request["device"])
+    library = tvm.runtime.load_module(request["library"])
+    rng = np.random.default_rng(0)
+    seconds, errors = {}, {}
+    for kernel in request["kernels"]:
+        symbol = kernel["symbol"]
+        try:
+            args = [random_tensor(shape, dtype, device, rng) for shape, dtype in kernel["args"]]
+            function = library[symbol]
+            function(*args)  # warm-up: first touch of the buffers
+            evaluator = library.time_evaluator(symbol, device, number=1, repeat=request["repeat"],
+                                               min_repeat_ms=request["min_repeat_ms"])
+            seconds[symbol] = list(evaluator(*args).results)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            errors[symbol] = f"{type(err).__name__}: {first}"
+    return {"ok": True, "seconds": seconds, "errors": errors}
+
+
+def _profile(request: dict) -> dict:
+    import time
+
+    import numpy as np
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    device = _device(request["device"])
+    vm = VirtualMachine(tvm.runtime.load_module(request["library"]), device)
+    data = np.random.default_rng(0).standard_normal(request["shape"]).astype(request["dtype"])
+    tensor = tvm.runtime.tensor(data, device)
+    kernels = set(request["kernels"])
+    run: list[tuple[str, float]] = []
+    started: list[float] = []
+
+    def instrument(func, symbol, before, ret, *args):
+        if symbol in kernels:
+            if before:
+                started.append(time.perf_counter())
+            else:
+                device.sync()
+                run.append((symbol, time.perf_counter() - started.pop()))
+        return 0
+
+    vm["main"](tensor)  # warm-up without the instrument
+    vm.set_instrument(instrument)
+    runs: list[list[tuple[str, float]]] = []
+    for _ in range(request["runs"]):
+        run = []
+        vm["main"](tensor)
+        runs.append(run)
+    symbols = [symbol for symbol, _ in runs[0]]
+    if any([symbol for symbol, _ in other] != symbols for other in runs):
+        raise RuntimeError("the VM called the kernels in a different order between runs")
+    calls = [[symbol, [other[i][1] for other in runs]] for i, symbol in enumerate(symbols)]
+    return {"ok": True, "calls": calls}
+
+
+def main() -> None:
+    handlers = {"kernels": _time_kernels, "profile": _profile}
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            reply = handlers[request["op"]](request)
+        except Exception as err:
+            reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+class WorkerClient:
+    """The parent's handle on one persistent kernel worker running with ``threads`` threads."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._process: subprocess.Popen | None = None
+
+    def ask(self, request: dict) -> dict:
+        """Send one request; a worker that dies (a kernel crashed it) is restarted once."""
+        for _ in range(2):
+            if self._process is None or self._process.poll() is not None:
+                self._process = self._start()
+            try:
+                self._process.stdin.write(json.dumps(request) + "\n")
+                self._process.stdin.flush()
+                line = self._process.stdout.readline()
+            except BrokenPipeError:
+                line = ""
+            if line:
+                reply = json.loads(line)
+                if not reply["ok"]:
+                    raise AutocompError(f"kernel timing failed: {reply['error']}")
+                return reply
+            self._process = None
+        raise AutocompError("the kernel timing worker died twice on the same request")
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.stdin.close()
+            self._process.wait(timeout=30)
+            self._process = None
+
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ, TVM_NUM_THREADS=str(self.threads), OMP_NUM_THREADS=str(self.threads))
+        return subprocess.Popen([sys.executable, "-m", "autocomp.hardware.kernel_worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+_shared: dict[int, WorkerClient] = {}
+
+
+def shared_worker(threads: int) -> WorkerClient:
+    """This process's kernel worker for ``threads`` threads, started on first use and
+    closed when the process exits."""
+    if not _shared:
+        atexit.register(_close_shared)
+    if threads not in _shared:
+        _shared[threads] = WorkerClient(threads)
+    return _shared[threads]
+
+
+def _close_shared() -> None:
+    for worker in _shared.values():
+        worker.close()
+    _shared.clear()
+
+
+if __name__ == "__main__":
+    main()
