@@ -33,7 +33,7 @@ error, not a guess. An uncalibrated profile uses a factor-2 prior and says so.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -377,11 +377,15 @@ class EstimateMeasurer:
     comes from (0 when uncalibrated).
     """
 
-    def __init__(self, profile: HardwareProfile) -> None:
+    def __init__(self, profile: HardwareProfile, *, fallback_reason: str | None = None) -> None:
         self.profile = profile
+        self.fallback_reason = fallback_reason
 
     def measure(self, model: nn.Module, input_shape: tuple[int, ...]) -> Latency:
-        return estimate(model, input_shape, self.profile).latency
+        latency = estimate(model, input_shape, self.profile).latency
+        if self.fallback_reason:
+            latency = replace(latency, provenance=latency.provenance[:-1] + f"; {self.fallback_reason})")
+        return latency
 
     def close(self) -> None:
         pass

@@ -102,10 +102,38 @@ class LocalMeasurer:
                        "measured", provenance)
 
 
-def make_measurer(profile: HardwareProfile) -> Measurer:
-    """The measurer a profile asks for: local, RPC, or the profile's cost-model estimate."""
+def make_measurer(profile: HardwareProfile, *, say=print) -> Measurer:
+    """The measurer a profile asks for: this machine's CPU or GPU, a device through a TVM
+    RPC tracker, or the profile's cost-model estimate.
+
+    Where the profile's device cannot be reached (no GPU here, no device registered with
+    the tracker) the estimate stands in, says why in every figure's provenance, and
+    ``say`` tells the user once.
+    """
     from autocomp.hardware.estimate import EstimateMeasurer
 
-    if profile.latency.method == "estimate":
+    lat = profile.latency
+    if lat.method == "estimate":
         return EstimateMeasurer(profile)
-    return LocalMeasurer(profile)
+    if lat.method == "rpc":
+        from autocomp.hardware.rpc import RPCMeasurer, registered_servers
+
+        assert lat.rpc is not None
+        try:
+            servers = registered_servers(lat.rpc.tracker_host, lat.rpc.tracker_port, lat.rpc.key)
+            reason = None if servers else f"no device with key {lat.rpc.key!r} is registered with the tracker"
+        except (OSError, ConnectionError) as err:
+            reason = f"RPC tracker {lat.rpc.tracker_host}:{lat.rpc.tracker_port} unreachable ({err})"
+        if reason is None:
+            return RPCMeasurer(profile)
+    elif lat.device == "cuda":
+        from autocomp.hardware.cuda import CudaMeasurer, GpuUnavailableError
+
+        try:
+            return CudaMeasurer(profile)
+        except GpuUnavailableError as err:
+            reason = str(err).split(": ", 1)[-1]
+    else:
+        return LocalMeasurer(profile)
+    say(f"note: target {profile.name}: {reason}; latency is estimated by its cost model instead")
+    return EstimateMeasurer(profile, fallback_reason=reason)
