@@ -1,5 +1,6 @@
-"""Exporting a search trial: its plan, compressed PyTorch weights, and a TVM module for the
-target, with the module's outputs checked against PyTorch on real samples."""
+"""Exporting a search trial: its plan and the deployable artefacts for the run's target
+(PyTorch weights, ONNX, and the target's TVM library or sources), each checked against PyTorch
+on real validation images."""
 
 import json
 import shutil
@@ -13,7 +14,7 @@ from torch import nn
 from autocomp.compress import apply_plan
 from autocomp.data import DataSplits, calibration_loader, load_data, take
 from autocomp.errors import AutocompError
-from autocomp.hardware.lower import compile_model, export_library
+from autocomp.hardware.artefacts import make_job, write_artefacts
 from autocomp.hardware.profiles import load_profile
 from autocomp.inventory import build_inventory
 from autocomp.plan import CompressionPlan
@@ -22,8 +23,6 @@ from autocomp.search.run import RunSettings
 from autocomp.staging import refuse_existing, staged_folder
 
 SAMPLES = 16
-# The exported module must agree with PyTorch to this fraction of the largest logit.
-RELATIVE_TOLERANCE = 1e-3
 
 
 def load_trial_model(run_dir: Path, settings: RunSettings, number: int, data: DataSplits) -> nn.Module:
@@ -60,56 +59,40 @@ def choose_trial(study: optuna.Study, which: str) -> int:
     return number
 
 
+def validation_inputs(data: DataSplits, input_shape: tuple[int, ...]) -> np.ndarray:
+    """``SAMPLES`` validation images, each shaped as the model's input (batch of one)."""
+    samples = take(data.val, SAMPLES, seed=1)
+    return np.stack([samples[i][0].reshape(input_shape).numpy() for i in range(len(samples))])
+
+
 def export_trial(run_dir: Path, settings: RunSettings, number: int, out: Path, *,
                  force: bool = False, log=print) -> dict:
-    """Write plan.json, model.pt, model.so and export.json into ``out``, atomically."""
+    """Write plan.json, the target's artefacts (see ``autocomp.hardware.artefacts``) and
+    export.json into ``out``, atomically; refused when an artefact disagrees with PyTorch."""
     refuse_existing(out, force)
-    profile = load_profile(settings.target)
+    profile = settings.load_target()
     data = load_data(settings.data, image_size=settings.model.input_size)
     model = load_trial_model(run_dir, settings, number, data)
     metrics = json.loads((run_dir / "trials" / str(number) / "metrics.json").read_text())
     with staged_folder(out, force=force) as staging:
         shutil.copy(run_dir / "trials" / str(number) / "plan.json", staging / "plan.json")
-        torch.save(model.state_dict(), staging / "model.pt")
-        log(f"export: compiling trial {number} for {profile.name} with TVM ...")
-        library = export_library(compile_model(model, settings.input_shape, profile),
-                                 staging / "model.so")
-        max_diff, scale = check_numerics(model, library, data)
-        log(f"export: max |TVM - PyTorch| over {SAMPLES} validation images: {max_diff:.3g} "
-            f"(largest |logit| {scale:.3g})")
-        if max_diff > RELATIVE_TOLERANCE * max(scale, 1.0):
-            raise AutocompError(f"export refused: the TVM module differs from PyTorch by {max_diff:.3g}, "
-                                f"over {RELATIVE_TOLERANCE:g} of the largest logit")
+        log(f"export: trial {number} for {profile.name} ({profile.target_text()}, "
+            f"{profile.export.format}) ...")
+        job = make_job(model, settings.input_shape, profile, staging,
+                       validation_inputs(data, settings.input_shape))
+        artefacts = write_artefacts(job, log=log)
+        checked = [a.check.max_abs_diff for a in artefacts if a.check.max_abs_diff is not None]
         record = {
             "run": settings.name, "trial": number, "target": profile.name,
             "tvm_target": profile.tvm_target, "input_shape": list(settings.input_shape),
             "model": settings.model.spec, "plan_summary": metrics["plan_summary"],
             "val_acc": metrics["val_acc"], "latency": metrics["latency"],
-            "params": metrics["params"], "max_abs_diff": max_diff, "samples_checked": SAMPLES,
+            "params": metrics["params"],
+            "checked_on": f"{job.samples} validation images, against the PyTorch model's outputs",
+            "tolerance": job.tolerance, "max_abs_diff": max(checked, default=None),
             "files": {"plan.json": "the compression plan",
-                      "model.pt": "compressed PyTorch state dict (rebuild with the plan)",
-                      "model.so": "TVM Relax VM module: tvm.runtime.load_module, then "
-                                  "tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())['main'](x)"},
+                      **{name: a.kind for a in artefacts for name in a.files}},
+            "artefacts": [a.to_json(job.samples) for a in artefacts],
         }
         (staging / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
-
-
-def check_numerics(model: nn.Module, library: Path, data: DataSplits) -> tuple[float, float]:
-    """Largest absolute difference between the TVM module and PyTorch on validation images,
-    and the largest absolute PyTorch output (the scale the difference is judged against)."""
-    import tvm
-    from tvm.runtime.vm import VirtualMachine
-
-    device = tvm.cpu()
-    vm = VirtualMachine(tvm.runtime.load_module(str(library)), device)
-    samples = take(data.val, SAMPLES, seed=1)
-    worst = scale = 0.0
-    with torch.no_grad():
-        for index in range(len(samples)):
-            image = samples[index][0].unsqueeze(0)
-            expected = model(image).numpy()
-            got = vm["main"](tvm.runtime.tensor(image.numpy(), device))[0].numpy()
-            worst = max(worst, float(np.abs(got - expected).max()))
-            scale = max(scale, float(np.abs(expected).max()))
-    return worst, scale

@@ -38,4 +38,6 @@ def test_targets_lists_how_latency_is_obtained(cli) -> None:
     import json
 
     host = next(t for t in json.loads(out) if t["name"] == "host")
-    assert host["latency"] == "measured" and "untuned" in host["how"]
+    assert host["latency"] == "measured" and "metaschedule" in host["how"]
+    m7 = next(t for t in json.loads(out) if t["name"] == "cortex-m7")
+    assert m7["latency"] == "estimated" and m7["memory"]["sram"] == 320 * 1024

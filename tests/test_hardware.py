@@ -7,7 +7,7 @@ import torch
 from autocomp.errors import AutocompError
 from autocomp.hardware.lower import compile_model, export_library
 from autocomp.hardware.measure import make_measurer
-from autocomp.hardware.profiles import available_profiles, load_profile
+from autocomp.hardware.profiles import available_profiles, load_profile, load_target
 from autocomp.models import build_model
 
 
@@ -73,7 +73,7 @@ def test_compiled_module_matches_pytorch(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     model = build_model("demo-mobilenetv2", num_classes=10, in_channels=1).eval()
-    library = export_library(compile_model(model, (1, 1, 28, 28), load_profile("host")),
+    library = export_library(compile_model(model, (1, 1, 28, 28), load_target("host", untuned=True)),
                              tmp_path / "m.so")
     vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
     x = torch.randn(1, 1, 28, 28)
@@ -82,7 +82,7 @@ def test_compiled_module_matches_pytorch(tmp_path: Path) -> None:
 
 
 def test_measured_latency_carries_its_provenance() -> None:
-    profile = load_profile("host")
+    profile = load_target("host", untuned=True)
     measurer = make_measurer(profile)
     try:
         small = measurer.measure(build_model("demo-mobilenetv2", num_classes=10, in_channels=1),

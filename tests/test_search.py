@@ -11,7 +11,7 @@ from autocomp.data import load_data
 
 def _search_args(weights: Path, trials: int) -> list[str]:
     return ["search", "--model", "demo-resnet", "--weights", str(weights), "--data",
-            "fashion-mnist", "--target", "host", "--budget", "90%", "--trials", str(trials),
+            "fashion-mnist", "--target", "host", "--untuned", "--budget", "90%", "--trials", str(trials),
             "--name", "e2e", "--finetune-steps", "15", "--train-subset", "1000",
             "--val-subset", "500"]
 
@@ -52,7 +52,7 @@ def test_search_resume_and_export(cli, tmp_path: Path, trained_resnet: Path) -> 
     code, out, err = cli("export", "e2e", "--trial", "0")
     assert code == 0, err
     exported = run / "export" / "trial-0"
-    assert {p.name for p in exported.iterdir()} == {"plan.json", "model.pt", "model.so",
+    assert {p.name for p in exported.iterdir()} == {"plan.json", "model.pt", "model.so", "model.onnx",
                                                     "export.json"}
     record = json.loads((exported / "export.json").read_text())
     assert record["max_abs_diff"] < 1e-3

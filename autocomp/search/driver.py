@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from autocomp.data import DataSplits, calibration_loader, take
 from autocomp.errors import AutocompError
-from autocomp.hardware.measure import Latency, make_measurer
+from autocomp.hardware.lut import LatencyTable
+from autocomp.hardware.measure import Latency, LocalMeasurer, make_measurer
 from autocomp.hardware.profiles import HardwareProfile
 from autocomp.inventory import build_inventory
 from autocomp.search.objective import TrialContext, TrialObjective
@@ -83,7 +84,8 @@ def run_search(settings: RunSettings, runs_root: Path, data: DataSplits, profile
 
     teacher = settings.model.build()
     inventory = build_inventory(teacher, settings.input_shape)
-    measurer = make_measurer(profile)
+    measurer = make_measurer(profile, say=log)
+    table = LatencyTable(profile) if isinstance(measurer, LocalMeasurer) else None
     try:
         if not resuming:
             settings.baseline.update(_measure_baseline(teacher, data, measurer, settings, budget,
@@ -100,11 +102,23 @@ def run_search(settings: RunSettings, runs_root: Path, data: DataSplits, profile
         ctx = TrialContext(teacher, inventory, space, profile, measurer,
                            take(data.train, settings.train_subset, settings.seed),
                            take(data.val, settings.val_subset, settings.seed), budget_s, run_dir,
-                           calibration_loader(data.train, seed=settings.seed), settings.seed)
+                           calibration_loader(data.train, seed=settings.seed), settings.seed, table)
         _optimise(study, TrialObjective(ctx), settings.trials, budget_s, log)
+        if table is not None:
+            _report_table(table, settings.name, log)
     finally:
         measurer.close()
+        if table is not None:
+            table.close()
     return _report(study, settings, run_dir, data, log)
+
+
+def _report_table(table: LatencyTable, run_name: str, log) -> None:
+    """How well the kernel table predicted this run's measured trials, and how often it hit."""
+    rows = table.records(f"{run_name}/")
+    if rows:
+        log(f"latency table: predictions vs end-to-end measurements over "
+            f"{table.error_summary(f'{run_name}/').describe()}")
 
 
 def _measure_baseline(teacher, data: DataSplits, measurer, settings: RunSettings,

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from autocomp.compress import apply_plan, count_params, size_bytes
 from autocomp.distill import finetune
+from autocomp.hardware.lut import LatencyTable
 from autocomp.hardware.mcu_memory import device_memory
-from autocomp.hardware.measure import Measurer
+from autocomp.hardware.measure import Latency, Measurer
 from autocomp.hardware.profiles import HardwareProfile
 from autocomp.inventory import Inventory, build_inventory
 from autocomp.search.space import SearchSpace
@@ -35,6 +36,7 @@ class TrialContext:
     run_dir: Path
     calib: DataLoader
     seed: int = 0
+    table: LatencyTable | None = None  # kernel latency table, for targets measured on this machine
 
 
 class TrialObjective:
@@ -79,6 +81,10 @@ class TrialObjective:
         latency = ctx.measurer.measure(model, tuple(ctx.inventory.input_shape))
         timings["measure_s"] = time.perf_counter() - start
 
+        if ctx.table is not None:
+            start = time.perf_counter()
+            table_figures = self._predict_from_table(model, latency, trial.number)
+            timings["table_s"] = time.perf_counter() - start
         params = count_params(model)
         macs = build_inventory(model, tuple(ctx.inventory.input_shape), coupling=False).macs
         memory = device_memory(model, tuple(ctx.inventory.input_shape), ctx.profile)
@@ -97,6 +103,7 @@ class TrialObjective:
             "feasible": feasible,
             "memory": memory.as_dict() if memory is not None else None,
             "over_memory": over_memory,
+            "latency_table": table_figures if ctx.table is not None else None,
             "finetune_steps": ctx.space.finetune.steps if plan.layers else 0,
             "timings": timings,
         }
@@ -117,3 +124,19 @@ class TrialObjective:
                     trial.set_constraint(f"{key}_over_limit", (used - limit) / limit)
         return accuracy, latency.median_s * 1e3, float(params)
 
+
+    def _predict_from_table(self, model: nn.Module, measured: Latency, number: int) -> dict:
+        """The latency table's prediction for the trial's model, recorded next to the
+        end-to-end measurement so that the table's error is always known. A table failure
+        is reported with the trial, not allowed to fail it."""
+        ctx = self.ctx
+        assert ctx.table is not None
+        try:
+            prediction = ctx.table.predict(model, tuple(ctx.inventory.input_shape))
+            ctx.table.record(prediction, measured, f"{ctx.run_dir.name}/trial {number}")
+        except Exception as err:
+            return {"error": f"{type(err).__name__}: {str(err).strip()[:200]}"}
+        return {"predicted_s": prediction.latency.median_s,
+                "error": prediction.latency.median_s / measured.median_s - 1,
+                "kernels": prediction.kernels, "hits": prediction.hits,
+                "provenance": prediction.latency.provenance}
