@@ -21,6 +21,7 @@ from autocomp.errors import AutocompError
 from autocomp.hardware.kernel_worker import shared_worker
 from autocomp.hardware.kernels import build, model_kernels
 from autocomp.hardware.profiles import HardwareProfile
+from autocomp.hardware.tune import tuning_label
 
 UNKNOWN = "(unknown)"
 
@@ -92,6 +93,6 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], profile: Hardw
     total = sum(sum(times) for times in grouped.values())
     rows = sorted((ProfileRow(kernel, layer, len(times), sum(times), sum(times) / total)
                    for (kernel, layer), times in grouped.items()), key=lambda row: -row.median_s)
-    provenance = (f"measured in place ({profile.name}: TVM {profile.target_text()}, {lat.tuning}, "
+    provenance = (f"measured in place ({profile.name}: TVM {profile.target_text()}, {tuning_label(profile)}, "
                   f"{lat.threads} threads; each call timed around the VM's call, median of {runs} runs)")
     return Breakdown(rows, total, provenance)

@@ -93,11 +93,12 @@ class LocalMeasurer:
         raise AssertionError("unreachable")
 
     def _summarise(self, seconds: list[float]) -> Latency:
+        from autocomp.hardware.tune import tuning_label
+
         deciles = statistics.quantiles(seconds, n=10, method="inclusive")
-        target = self.profile.tvm_target
-        provenance = (f"measured ({self.profile.name}: TVM {target['kind']} "
-                      f"{target.get('mcpu', '')}, {self.profile.latency.tuning}, "
-                      f"{self.profile.latency.threads} threads, median of {len(seconds)})")
+        provenance = (f"measured ({self.profile.name}: TVM {self.profile.target_text()}, "
+                      f"{tuning_label(self.profile)}, {self.profile.latency.threads} threads, "
+                      f"median of {len(seconds)})")
         return Latency(statistics.median(seconds), deciles[0], deciles[-1], len(seconds),
                        "measured", provenance)
 

@@ -39,6 +39,7 @@ from autocomp.errors import AutocompError
 from autocomp.hardware.lower import compile_model
 from autocomp.hardware.measure import Latency
 from autocomp.hardware.profiles import HardwareProfile, RpcSettings
+from autocomp.hardware.tune import tuning_label
 
 LOOPBACK = "127.0.0.1"
 log = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ class RPCMeasurer:
         deciles = statistics.quantiles(seconds, n=10, method="inclusive")
         rpc = self.settings
         provenance = (f"measured ({self.profile.name} via RPC tracker {rpc.tracker_host}:{rpc.tracker_port} "
-                      f"key {rpc.key}: TVM {self.profile.target_text()}, {self.profile.latency.tuning}, "
+                      f"key {rpc.key}: TVM {self.profile.target_text()}, {tuning_label(self.profile)}, "
                       f"median of {len(seconds)})")
         return Latency(statistics.median(seconds), deciles[0], deciles[-1], len(seconds),
                        "measured", provenance)
