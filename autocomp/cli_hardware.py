@@ -25,6 +25,8 @@ def add_hardware_commands(commands: argparse._SubParsersAction, add_model_args) 
                                 "hw_profiles/anchors/TARGET.yaml)")
     calibrate.add_argument("--out", type=Path, help="profile YAML to write (default: the user copy "
                                                     "in the cache, which autocomp then uses)")
+    calibrate.add_argument("--untuned", action="store_true",
+                           help="measure with TVM's default schedules (a device calibration only)")
     calibrate.add_argument("--json", action="store_true", help="print one JSON object")
 
     profile = commands.add_parser("profile", help="per-layer latency breakdown on a target")
@@ -168,9 +170,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from autocomp.hardware.calibrate import anchors_dir, calibrate
-    from autocomp.hardware.profiles import load_profile
+    from autocomp.hardware.profiles import load_target
 
-    profile = load_profile(args.target)
+    profile = load_target(args.target, untuned=args.untuned)
     against: str | Path = "device"
     if args.anchors is not None:
         against = Path(args.anchors) if args.anchors else anchors_dir() / f"{profile.name}.yaml"

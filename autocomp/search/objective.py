@@ -20,6 +20,10 @@ from autocomp.inventory import Inventory, build_inventory
 from autocomp.search.space import SearchSpace
 from autocomp.train import evaluate
 
+# Measured trials after which the latency table's in-model correction (VM overhead per
+# kernel call, cache effects) is fitted, once per target; later predictions use it.
+TABLE_FIT_AFTER = 5
+
 
 @dataclass
 class TrialContext:
@@ -134,6 +138,8 @@ class TrialObjective:
         try:
             prediction = ctx.table.predict(model, tuple(ctx.inventory.input_shape))
             ctx.table.record(prediction, measured, f"{ctx.run_dir.name}/trial {number}")
+            if ctx.table.overhead().models == 0 and len(ctx.table.records()) >= TABLE_FIT_AFTER:
+                ctx.table.fit_overhead()
         except Exception as err:
             return {"error": f"{type(err).__name__}: {str(err).strip()[:200]}"}
         return {"predicted_s": prediction.latency.median_s,
