@@ -17,7 +17,7 @@ from autocomp.units import format_bytes, format_count, format_seconds
 
 DEMO_MODEL = "demo-resnet"
 DEMO_DATA = "fashion-mnist"
-DEMO_TRIALS = 32
+DEMO_TRIALS = 12
 DEMO_BUDGET = "70%"
 
 

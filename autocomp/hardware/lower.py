@@ -33,24 +33,35 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def to_relax(model: nn.Module, input_shape: tuple[int, ...]):
-    """Import the model into a Relax IRModule (weights embedded as constants)."""
+    """Import the model into a Relax IRModule (weights embedded as constants).
+
+    Quantized layers with integer activations become uint8 x int8 -> int32 convs and
+    matmuls with requantization (``autocomp.hardware.int8``); batch norms are folded.
+    """
     from tvm.relax.frontend.torch import from_exported_program
 
-    program = export_model(fold_batchnorm(model), torch.zeros(*input_shape))
+    from autocomp.hardware.int8 import CONVERT_MAP, integer_model
+
+    program = export_model(fold_batchnorm(integer_model(model).module), torch.zeros(*input_shape))
     try:
-        return from_exported_program(program)
+        return from_exported_program(program, custom_convert_map=CONVERT_MAP)
     except Exception as err:
         raise AutocompError(f"TVM cannot import the model: {type(err).__name__}: "
                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
 
 
-def compile_model(model: nn.Module, input_shape: tuple[int, ...], profile: HardwareProfile):
-    """Compile ``model`` for the profile's target; returns a ``tvm.relax.Executable``."""
-    import tvm
+def compile_model(model: nn.Module, input_shape: tuple[int, ...], profile: HardwareProfile, *,
+                  untuned: bool = False):
+    """Compile ``model`` for the profile's target; returns a ``tvm.relax.Executable``.
 
-    module = to_relax(model, input_shape)
-    target = tvm.target.Target(profile.tvm_target)
-    return tvm.compile(module, target=target)
+    Kernels are MetaSchedule-tuned through the target's persistent database
+    (``autocomp.hardware.tune``), tuning only workloads it lacks. ``untuned`` (or the
+    profile's ``latency.tuning: untuned``) keeps plain ``tvm.compile``; callers label
+    the result with ``tune.tuning_label``.
+    """
+    from autocomp.hardware.tune import compile_tuned
+
+    return compile_tuned(to_relax(model, input_shape), profile, untuned=untuned)
 
 
 def export_library(executable, path: Path) -> Path:

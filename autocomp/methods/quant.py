@@ -26,11 +26,13 @@ pulled towards the grid by a penalty whose target G and dual U are updated every
 ``ADMM_INTERVAL`` steps, and projected onto the grid when training ends).
 ``integer_form()`` gives what an integer kernel needs (``IntegerLayer``).
 
-Latency: TVM 0.27 imports these graphs as float operators (the integer weights are
-folded back into float constants at compile time), and batch norms after a quantized
-layer are not folded into it (that would undo the quantization). Until an integer
-lowering consumes ``IntegerLayer``, a quantized layer therefore measures as its float
-layer plus the input's fake-quantization and its batch norm.
+Latency: TVM has no quantized operators, so ``autocomp.hardware.int8`` lowers these
+layers itself. With integer activations (``a_bits`` 8 or 4) a layer compiles to a
+uint8 x int8 -> int32 conv or matmul, requantized per output channel, with a batch norm
+that follows it folded into that scale; weights of fewer bits compute as int8 and are
+packed only in storage (``storage_bytes``). Weight-only layers compile as float layers
+holding the dequantized weights. ``autocomp.hardware.int8.lowering_report`` says which
+happened to each layer.
 """
 
 import math
