@@ -16,6 +16,16 @@ def read_yaml(path: Path) -> Any:
         raise AutocompError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
 
 
+def yaml_float(value: Any) -> Any:
+    """PyYAML reads ``1.2e9`` (no sign in the exponent) as a string: take it as the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 class Checker:
     """Validates nested mappings of one file; every error names ``file: dotted.key``."""
 

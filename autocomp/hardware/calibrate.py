@@ -35,7 +35,7 @@ from autocomp.errors import AutocompError
 from autocomp.hardware.estimate import HARDWARE_CONSTANTS, KINDS, PRIORS, Op, OpArrays, aggregate_op, list_ops
 from autocomp.hardware.profiles import DTYPES, HardwareProfile, calibrated_dir, load_profile, profiles_dir
 from autocomp.units import format_seconds, parse_budget
-from autocomp.yaml_files import Checker, read_yaml
+from autocomp.yaml_files import Checker, read_yaml, yaml_float
 
 DATA_LOG_SD = 0.1  # expected relative error of one measured or published figure
 PRIOR_LOG_SD = math.log(3.0)
@@ -188,7 +188,7 @@ def _anchor(data: Any, key: str, check: Checker) -> Anchor:
                                          "neither")
     macs = None
     if "macs" in raw:
-        macs = float(check.number(_number(raw["macs"]), f"{key}.macs", 1, 1e15))
+        macs = float(check.number(yaml_float(raw["macs"]), f"{key}.macs", 1, 1e15))
     shape = raw.get("input")
     if shape is None and "model" in raw:
         raise check.fail(f"{key}.input", "missing (the input shape, e.g. [1, 3, 224, 224])")
@@ -203,7 +203,7 @@ def _anchor(data: Any, key: str, check: Checker) -> Anchor:
         raise check.fail(f"{key}.latency", "must be a time (122.2ms), not a percentage")
     clock = raw.get("clock_hz")
     if clock is not None:
-        clock = float(check.number(_number(clock), f"{key}.clock_hz", 1e3, 1e11))
+        clock = float(check.number(yaml_float(clock), f"{key}.clock_hz", 1e3, 1e11))
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
         raise check.fail(f"{key}.model", "must be a model spec such as torchvision:resnet18")
@@ -218,15 +218,6 @@ def _default_label(model: str | None, macs: float | None, shape: Any, raw: dict)
     what = f"{model.split(':')[-1]} {shape[-1]}" if model else f"{macs / 1e6:g}M MACs"
     stack = f", {raw['stack']}" if raw.get("stack") else ""
     return f"{what}, {raw['threads']} thr {raw['dtype']}{stack}"
-
-
-def _number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def build_spec(spec: str, input_shape: tuple[int, ...], num_classes: int = 1000) -> nn.Module:

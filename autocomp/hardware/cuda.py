@@ -326,15 +326,7 @@ def _serve(request: dict) -> dict:
     return {"ok": True, "seconds": seconds, "device_name": f"{device.device_name} {arch}"}
 
 
-def main() -> None:
-    for line in sys.stdin:
-        try:
-            reply = _serve(json.loads(line))
-        except Exception as err:
-            reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-
-
 if __name__ == "__main__":
-    main()
+    from autocomp.hardware.timer_worker import serve
+
+    serve(_serve)

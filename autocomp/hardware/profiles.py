@@ -16,7 +16,7 @@ from typing import Any
 from autocomp.errors import AutocompError
 from autocomp.paths import bundled_dir, cache_dir
 from autocomp.units import parse_bytes
-from autocomp.yaml_files import Checker, read_yaml
+from autocomp.yaml_files import Checker, read_yaml, yaml_float
 
 LATENCY_METHODS = ("local", "rpc", "estimate")
 DEVICES = ("cpu", "cuda")
@@ -275,16 +275,7 @@ def _cost_model(data: Any, check: Checker) -> CostModelSettings:
     for name, entry in constants.items():
         key = f"cost_model.constants.{name}"
         item = check.mapping(entry, key, {"value", "source"}, {"value", "source"})
-        values[name] = float(check.number(_yaml_float(item["value"]), f"{key}.value", 0, float("inf")))
+        values[name] = float(check.number(yaml_float(item["value"]), f"{key}.value", 0, float("inf")))
         sources[name] = str(item["source"])
     return CostModelSettings(str(raw["version"]), str(raw["fitted_to"]), values, sources)
 
-
-def _yaml_float(value: Any) -> Any:
-    """PyYAML reads ``1.2e9`` (no sign in the exponent) as a string: accept it as a number."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value

@@ -8,6 +8,7 @@ per line on stdin, one JSON reply per line on stdout.
 
 import json
 import sys
+from collections.abc import Callable
 
 
 def _time(request: dict) -> dict:
@@ -25,10 +26,11 @@ def _time(request: dict) -> dict:
     return {"ok": True, "seconds": list(evaluator(tensor).results)}
 
 
-def main() -> None:
+def serve(handle: Callable[[dict], dict]) -> None:
+    """Answer JSON requests from stdin, one reply line each; a failure is a reply, not an exit."""
     for line in sys.stdin:
         try:
-            reply = _time(json.loads(line))
+            reply = handle(json.loads(line))
         except Exception as err:
             reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         sys.stdout.write(json.dumps(reply) + "\n")
@@ -36,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    serve(_time)
