@@ -16,7 +16,6 @@ module is timed in a worker process (``python -m autocomp.hardware.cuda``, one
 JSON request per line), apart from PyTorch.
 """
 
-import json
 import os
 import shutil
 import statistics
@@ -27,6 +26,7 @@ from functools import cache
 from pathlib import Path
 
 from autocomp.errors import AutocompError
+from autocomp.hardware.timer_worker import WorkerProcess, serve
 
 DEVICE_PROBE = """
 import ctypes
@@ -197,7 +197,7 @@ class CudaMeasurer:
             raise GpuUnavailableError(f"target {profile.name}: no CUDA GPU {device_id} on this machine")
         self.profile = profile
         self.device_id = device_id
-        self._worker: subprocess.Popen | None = None
+        self._worker = WorkerProcess("autocomp.hardware.cuda", "CUDA timing worker", attempts=1)
 
     def measure(self, model, input_shape: tuple[int, ...]):
         executable = compile_cuda(model, input_shape, self.profile)
@@ -231,25 +231,10 @@ class CudaMeasurer:
             return np.load(Path(tmp) / "output.npy")
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.stdin.close()
-            self._worker.wait(timeout=30)
-            self._worker = None
+        self._worker.close()
 
     def _ask(self, request: dict) -> dict:
-        if self._worker is None or self._worker.poll() is not None:
-            self._worker = subprocess.Popen([sys.executable, "-m", "autocomp.hardware.cuda"],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            self._worker.stdin.write(json.dumps(request) + "\n")
-            self._worker.stdin.flush()
-            line = self._worker.stdout.readline()
-        except BrokenPipeError:
-            line = ""
-        if not line:
-            self._worker = None
-            raise AutocompError("the CUDA timing worker died while running the module")
-        reply = json.loads(line)
+        reply = self._worker.ask(request)
         if not reply["ok"]:
             if reply.get("no_gpu"):
                 raise GpuUnavailableError(reply["error"])
@@ -327,6 +312,4 @@ def _serve(request: dict) -> dict:
 
 
 if __name__ == "__main__":
-    from autocomp.hardware.timer_worker import serve
-
     serve(_serve)

@@ -20,12 +20,9 @@ one imports TVM, several seconds).
 """
 
 import atexit
-import json
-import os
-import subprocess
-import sys
 
 from autocomp.errors import AutocompError
+from autocomp.hardware.timer_worker import WorkerProcess, serve
 
 
 def _device(name: str):
@@ -110,16 +107,8 @@ def _profile(request: dict) -> dict:
     return {"ok": True, "calls": calls}
 
 
-def main() -> None:
-    handlers = {"kernels": _time_kernels, "profile": _profile}
-    for line in sys.stdin:
-        try:
-            request = json.loads(line)
-            reply = handlers[request["op"]](request)
-        except Exception as err:
-            reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+def _handle(request: dict) -> dict:
+    return {"kernels": _time_kernels, "profile": _profile}[request["op"]](request)
 
 
 class WorkerClient:
@@ -127,37 +116,18 @@ class WorkerClient:
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self._process: subprocess.Popen | None = None
+        self._worker = WorkerProcess("autocomp.hardware.kernel_worker", "kernel timing worker",
+                                     threads=threads)
 
     def ask(self, request: dict) -> dict:
         """Send one request; a worker that dies (a kernel crashed it) is restarted once."""
-        for _ in range(2):
-            if self._process is None or self._process.poll() is not None:
-                self._process = self._start()
-            try:
-                self._process.stdin.write(json.dumps(request) + "\n")
-                self._process.stdin.flush()
-                line = self._process.stdout.readline()
-            except BrokenPipeError:
-                line = ""
-            if line:
-                reply = json.loads(line)
-                if not reply["ok"]:
-                    raise AutocompError(f"kernel timing failed: {reply['error']}")
-                return reply
-            self._process = None
-        raise AutocompError("the kernel timing worker died twice on the same request")
+        reply = self._worker.ask(request)
+        if not reply["ok"]:
+            raise AutocompError(f"kernel timing failed: {reply['error']}")
+        return reply
 
     def close(self) -> None:
-        if self._process is not None:
-            self._process.stdin.close()
-            self._process.wait(timeout=30)
-            self._process = None
-
-    def _start(self) -> subprocess.Popen:
-        env = dict(os.environ, TVM_NUM_THREADS=str(self.threads), OMP_NUM_THREADS=str(self.threads))
-        return subprocess.Popen([sys.executable, "-m", "autocomp.hardware.kernel_worker"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._worker.close()
 
 
 _shared: dict[int, WorkerClient] = {}
@@ -180,4 +150,4 @@ def _close_shared() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    serve(_handle)

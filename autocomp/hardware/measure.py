@@ -4,11 +4,7 @@ A ``Latency`` always says how it was obtained (its ``provenance``); the search
 stores it with the trial and every table and plot prints it.
 """
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +15,7 @@ from torch import nn
 from autocomp.errors import AutocompError
 from autocomp.hardware.lower import compile_model, export_library
 from autocomp.hardware.profiles import HardwareProfile
+from autocomp.hardware.timer_worker import WorkerProcess
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,8 @@ class LocalMeasurer:
 
     def __init__(self, profile: HardwareProfile) -> None:
         self.profile = profile
-        self._worker: subprocess.Popen | None = None
+        self._worker = WorkerProcess("autocomp.hardware.timer_worker", "timing worker",
+                                     threads=profile.latency.threads)
 
     def measure(self, model: nn.Module, input_shape: tuple[int, ...]) -> Latency:
         executable = compile_model(model, input_shape, self.profile)
@@ -61,36 +59,13 @@ class LocalMeasurer:
         return self._summarise(seconds)
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.stdin.close()
-            self._worker.wait(timeout=30)
-            self._worker = None
-
-    def _start(self) -> subprocess.Popen:
-        env = dict(os.environ, TVM_NUM_THREADS=str(self.profile.latency.threads),
-                   OMP_NUM_THREADS=str(self.profile.latency.threads))
-        return subprocess.Popen([sys.executable, "-m", "autocomp.hardware.timer_worker"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._worker.close()
 
     def _ask(self, request: dict) -> list[float]:
-        for attempt in range(2):
-            if self._worker is None or self._worker.poll() is not None:
-                self._worker = self._start()
-            try:
-                self._worker.stdin.write(json.dumps(request) + "\n")
-                self._worker.stdin.flush()
-                line = self._worker.stdout.readline()
-            except BrokenPipeError:
-                line = ""
-            if line:
-                reply = json.loads(line)
-                if not reply["ok"]:
-                    raise AutocompError(f"timing failed: {reply['error']}")
-                return reply["seconds"]
-            self._worker = None  # the worker died (crash in the module): retry once
-            if attempt == 1:
-                raise AutocompError("the timing worker died twice while running the module")
-        raise AssertionError("unreachable")
+        reply = self._worker.ask(request)
+        if not reply["ok"]:
+            raise AutocompError(f"timing failed: {reply['error']}")
+        return reply["seconds"]
 
     def _summarise(self, seconds: list[float]) -> Latency:
         from autocomp.hardware.tune import tuning_label

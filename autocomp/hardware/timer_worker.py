@@ -7,8 +7,12 @@ per line on stdin, one JSON reply per line on stdout.
 """
 
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable
+
+from autocomp.errors import AutocompError
 
 
 def _time(request: dict) -> dict:
@@ -35,6 +39,44 @@ def serve(handle: Callable[[dict], dict]) -> None:
             reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+
+
+class WorkerProcess:
+    """The parent's handle on a persistent JSON worker (``python -m MODULE`` running ``serve``).
+
+    A worker that dies on a request (a compiled module crashed it) is restarted and
+    asked again, up to ``attempts`` times in all.
+    """
+
+    def __init__(self, module: str, name: str, *, threads: int | None = None, attempts: int = 2) -> None:
+        self.module, self.name, self.attempts = module, name, attempts
+        self.env = (dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+                    if threads is not None else None)
+        self._process: subprocess.Popen | None = None
+
+    def ask(self, request: dict) -> dict:
+        """The worker's reply to ``request`` (``ok`` false when the request failed in it)."""
+        for _ in range(self.attempts):
+            if self._process is None or self._process.poll() is not None:
+                self._process = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
+                                                 stdout=subprocess.PIPE, text=True, env=self.env)
+            try:
+                self._process.stdin.write(json.dumps(request) + "\n")
+                self._process.stdin.flush()
+                line = self._process.stdout.readline()
+            except BrokenPipeError:
+                line = ""
+            if line:
+                return json.loads(line)
+            self._process = None
+        again = "" if self.attempts == 1 else f" {self.attempts} times"
+        raise AutocompError(f"the {self.name} died{again} while running the module")
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.stdin.close()
+            self._process.wait(timeout=30)
+            self._process = None
 
 
 if __name__ == "__main__":
