@@ -2,9 +2,11 @@
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
+from autocomp.cli_codesign import add_codesign_command, cmd_codesign
 from autocomp.cli_hardware import (
     add_hardware_commands,
     cmd_calibrate,
@@ -12,13 +14,10 @@ from autocomp.cli_hardware import (
     cmd_profile,
     cmd_targets,
 )
+from autocomp.cli_reports import add_report_commands, cmd_pareto, cmd_report
+from autocomp.cli_search import add_search_command, cmd_search
 from autocomp.errors import AutocompError
 from autocomp.units import format_bytes, format_count, format_seconds
-
-DEMO_MODEL = "demo-resnet"
-DEMO_DATA = "fashion-mnist"
-DEMO_TRIALS = 12
-DEMO_BUDGET = "70%"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,31 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_hardware_commands(commands, _add_model_args)
 
-    search = commands.add_parser(
-        "search", help="search per-layer compression plans (no --model/--data: the demo)")
-    _add_model_args(search, model_required=False)
-    _add_data_args(search, required=False)
-    search.add_argument("--target", default="host", help="hardware profile (autocomp targets)")
-    search.add_argument("--untuned", action="store_true",
-                        help="compile with TVM's default schedules instead of tuned kernels (fast to "
-                             "compile, far slower kernels; every latency is labelled 'untuned')")
-    search.add_argument("--budget", help="latency limit: 20ms, 1.5s, 800us, or 60%% of the "
-                                         f"uncompressed model (demo: {DEMO_BUDGET})")
-    search.add_argument("--trials", type=int, help=f"trials to finish (demo: {DEMO_TRIALS})")
-    search.add_argument("--name", help="run name: outputs go to RUNS/NAME (rerun to resume)")
-    search.add_argument("--space", default="default", help="search space name or YAML path")
-    search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--finetune-steps", type=int,
-                        help="override the space's fine-tuning steps per trial")
-    search.add_argument("--train-subset", type=int, default=20000,
-                        help="training images fine-tuning draws from (default 20000)")
-    search.add_argument("--val-subset", type=int,
-                        help="validation images each trial is scored on (default: all)")
-    search.add_argument("--baseline-epochs", type=int, default=4,
-                        help="epochs to train the baseline when no --weights are given")
-    search.add_argument("--no-export", action="store_true",
-                        help="demo only: skip exporting the best trial")
-    search.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    add_search_command(commands, _add_model_args, _add_data_args)
+    add_report_commands(commands)
+    add_codesign_command(commands)
 
     compress = commands.add_parser("compress", help="apply a plan (JSON) to a model and fine-tune it")
     _add_model_args(compress, model_required=True)
@@ -119,21 +96,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a subcommand; user errors become one line and exit status 2."""
+    """Entry point: run a subcommand; user errors become one line and exit status 2.
+
+    SIGTERM (a job scheduler stopping us) is handled like Ctrl-C: outputs are written
+    atomically and finished trials are in the study, so the command can be rerun.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         args = build_parser().parse_args(argv)
         handler = {"train": cmd_train, "inspect": cmd_inspect, "targets": cmd_targets,
                    "latency": cmd_latency, "calibrate": cmd_calibrate, "profile": cmd_profile,
-                   "search": cmd_search, "compress": cmd_compress, "export": cmd_export}[args.command]
+                   "search": lambda a: cmd_search(a, _model_source, _setup_torch),
+                   "pareto": cmd_pareto, "report": cmd_report, "codesign": cmd_codesign,
+                   "compress": cmd_compress, "export": cmd_export}[args.command]
         return handler(args) or 0
     except AutocompError as err:
         print(f"autocomp: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("autocomp: interrupted (finished trials are kept; rerun the same command to resume)",
               file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _positive(value: int | None, option: str) -> None:
@@ -211,53 +206,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from autocomp.baseline import cached_baseline
-    from autocomp.data import load_data
-    from autocomp.export import export_trial
-    from autocomp.hardware.profiles import load_target
-    from autocomp.search.driver import run_search
-    from autocomp.search.run import RunSettings, check_name
-    from autocomp.search.space import load_space
-    from autocomp.units import parse_budget
-
-    demo = args.model is None and args.data is None
-    model_spec = args.model or DEMO_MODEL
-    data_spec = args.data or DEMO_DATA
-    trials = args.trials if args.trials is not None else (DEMO_TRIALS if demo else 20)
-    budget_text = args.budget if args.budget is not None else (DEMO_BUDGET if demo else None)
-    for value, option in ((trials, "--trials"), (args.finetune_steps, "--finetune-steps"),
-                          (args.train_subset, "--train-subset"), (args.val_subset, "--val-subset"),
-                          (args.baseline_epochs, "--baseline-epochs")):
-        _positive(value, option)
-    budget = parse_budget(budget_text) if budget_text else None
-    profile = load_target(args.target, untuned=args.untuned)
-    space = load_space(args.space)
-    if args.finetune_steps:
-        from dataclasses import replace
-
-        space = replace(space, finetune=replace(space.finetune, steps=args.finetune_steps))
-    name = check_name(args.name or f"{model_spec.split(':')[-1].replace('.py', '')}-{profile.name}")
-    _setup_torch()
-    data = load_data(data_spec, image_size=args.image_size)
-    source = _model_source(args, model_spec, data)
-    source.build()  # fail fast on a bad spec or weights, before anything is written
-    print(f"{'demo' if demo else 'search'}: compressing {model_spec} on {data_spec} for target "
-          f"{profile.name}, budget {budget_text or 'none'}, {trials} trials, space {space.name}; "
-          f"latency {profile.how()}")
-    if source.weights is None:
-        source, _ = cached_baseline(source, data, args.baseline_epochs)
-    settings = RunSettings(name, source, data_spec, profile.name, space.name,
-                           budget.text if budget else None, trials, args.seed, args.train_subset,
-                           args.val_subset, untuned=args.untuned)
-    outcome = run_search(settings, args.runs_dir, data, profile, space, budget)
-    if demo and not args.no_export and outcome.best is not None:
-        out = outcome.run_dir / "export" / f"trial-{outcome.best.number}"
-        export_trial(outcome.run_dir, settings, outcome.best.number, out, force=True)
-        print(f"exported trial {outcome.best.number} to {out}")
-    return 0
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
@@ -318,12 +266,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from autocomp.export import choose_trial, export_trial
-    from autocomp.search.driver import open_study
     from autocomp.search.run import load_settings, run_dir
+    from autocomp.search.study import open_study
 
     folder = run_dir(args.runs_dir, args.run)
     settings = load_settings(folder)
-    number = choose_trial(open_study(folder, settings, create=False), args.trial)
+    number = choose_trial(open_study(folder, settings), args.trial)
     out = args.out or folder / "export" / f"trial-{number}"
     record = export_trial(folder, settings, number, out, force=args.force)
     latency = record["latency"]

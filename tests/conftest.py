@@ -66,3 +66,18 @@ def mobilenet():
     from helpers import seeded_model
 
     return seeded_model("demo-mobilenetv2", (1, 1, 28, 28), in_channels=1)
+
+
+@pytest.fixture(scope="session")
+def small_run(trained_resnet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real three-trial search (host, untuned, sensitivity pre-pass and warm start on) named
+    ``r``, made once and shared by the report, pareto and codesign tests, which only read it
+    or add their own files. Returns the runs folder."""
+    from autocomp.cli import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    code = main(["search", "--model", "demo-resnet", "--weights", str(trained_resnet), "--data",
+                 "fashion-mnist", "--untuned", "--trials", "3", "--finetune-steps", "10", "--budget", "70%",
+                 "--val-subset", "300", "--train-subset", "1000", "--name", "r", "--runs-dir", str(runs)])
+    assert code == 0
+    return runs

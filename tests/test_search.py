@@ -34,7 +34,16 @@ def test_search_resume_and_export(cli, tmp_path: Path, trained_resnet: Path) -> 
         assert "untuned" in metrics["latency"]["provenance"]
         assert 0.0 <= metrics["val_acc"] <= 1.0
         assert trial.values[1] == metrics["latency"]["median_s"] * 1e3
-    assert "Pareto front of 3 trials" in out and "untuned" in out
+    assert "Pareto front of 3 finished trials" in out and "untuned" in out
+    assert "warm start: uncompressed, uniform int8" in out and "sensitivity:" in out
+    assert [t.user_attrs.get("label") for t in trials] == ["uncompressed", "uniform int8",
+                                                           "uniform prune 30%"]
+    for name in ("front.json", "report.md", "report.html", "sensitivity.json", "layer_shares.json",
+                 "method_map.png"):
+        assert (run / name).is_file(), name
+    front = json.loads((run / "front.json").read_text())
+    assert all(row["test_acc"] is not None and "measured" in row["remeasured_latency"]["provenance"]
+               for row in front["trials"])
     png = (run / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     rows = (run / "pareto.csv").read_text().splitlines()
@@ -85,9 +94,9 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(cli, tmp_path: Path,
         return real_measure(self, model, shape)
 
     monkeypatch.setattr(LocalMeasurer, "measure", flaky_measure)
-    code, out, err = cli(*_search_args(trained_resnet, 2))
+    code, out, err = cli(*_search_args(trained_resnet, 2), "--no-sensitivity")
     assert code == 0, err
-    assert "trial   1: failed: RuntimeError: device fell off the bus" in out
+    assert "trial   1 (uniform int8): failed: RuntimeError: device fell off the bus" in out
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'runs/e2e/study.db'}")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2
@@ -100,7 +109,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(cli, tmp_path: Path,
 def test_search_over_every_method_family(cli, tmp_path: Path, trained_resnet: Path) -> None:
     args = _search_args(trained_resnet, 5)
     args[args.index("--name") + 1] = "mixed"
-    code, _, err = cli(*args, "--space", "all-methods")
+    code, _, err = cli(*args, "--space", "all-methods", "--no-warm-start", "--no-sensitivity")
     assert code == 0, err
     study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{tmp_path / 'runs/mixed/study.db'}")
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -114,3 +123,25 @@ def test_search_over_every_method_family(cli, tmp_path: Path, trained_resnet: Pa
     # a trial with calibrated activations rebuilds and exports
     code, _, err = cli("export", "mixed", "--trial", str(quantized[0].number))
     assert code == 0, err
+
+
+def test_the_study_opens_in_optuna_dashboard(small_run: Path) -> None:
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    app = wsgi(f"sqlite:///{small_run / 'r' / 'study.db'}")
+
+    def get(path: str) -> dict:
+        environ: dict = {"PATH_INFO": path}
+        setup_testing_defaults(environ)
+        status = []
+        body = b"".join(app(environ, lambda code, *_: status.append(code)))
+        assert status[0].startswith("200"), (status, environ["wsgi.errors"].getvalue()[-500:])
+        return json.loads(body)
+
+    studies = get("/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["r"]
+    detail = get(f"/api/studies/{studies[0]['study_id']}")
+    assert [t["state"] for t in detail["trials"]].count("Complete") == 3
+    assert {attr["key"] for attr in detail["trials"][0]["user_attrs"]} >= {"plan_summary", "val_acc"}

@@ -1,8 +1,9 @@
-"""One trial: sample a plan, compress, fine-tune with distillation, score, measure latency."""
+"""One trial: sample a plan, compress, measure latency and memory, fine-tune with distillation
+(stopped early when hopeless), score."""
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -11,18 +12,30 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from autocomp.compress import apply_plan, count_params, size_bytes
+from autocomp.data import take
 from autocomp.distill import finetune
 from autocomp.hardware.lut import LatencyTable
 from autocomp.hardware.mcu_memory import device_memory
-from autocomp.hardware.measure import Latency, Measurer
-from autocomp.hardware.profiles import HardwareProfile
+from autocomp.hardware.measure import Latency
 from autocomp.inventory import Inventory, build_inventory
+from autocomp.search.measurers import MeasurerPool
+from autocomp.search.pruning import Checkpoints, DominatedPruner
 from autocomp.search.space import SearchSpace
 from autocomp.train import evaluate
 
 # Measured trials after which the latency table's in-model correction (VM overhead per
 # kernel call, cache effects) is fitted, once per target; later predictions use it.
 TABLE_FIT_AFTER = 5
+# Validation images scored at each fine-tuning checkpoint (early stopping).
+CHECKPOINT_IMAGES = 500
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Hard limits a trial must meet to be feasible (None: no limit)."""
+
+    latency_s: float | None = None
+    size_bytes: int | None = None
 
 
 @dataclass
@@ -32,117 +45,163 @@ class TrialContext:
     teacher: nn.Module
     inventory: Inventory
     space: SearchSpace
-    profile: HardwareProfile
-    measurer: Measurer
+    measurers: MeasurerPool
     train: Dataset
     val: Dataset
-    budget_s: float | None
+    budgets: Budgets
     run_dir: Path
     calib: DataLoader
     seed: int = 0
-    table: LatencyTable | None = None  # kernel latency table, for targets measured on this machine
+    finetune: bool = True  # False: data-free, calibration only
+    pruner: DominatedPruner | None = None  # early stopping of hopeless fine-tuning
 
 
 class TrialObjective:
-    """Optuna objective returning (val accuracy, latency in ms, parameter count)."""
+    """Optuna objective returning (val accuracy, latency in ms, deployed size in bytes)."""
 
     def __init__(self, ctx: TrialContext) -> None:
         self.ctx = ctx
+        self._known: dict = {}  # the running trial's figures known before fine-tuning
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         folder = self.ctx.run_dir / "trials" / str(trial.number)
         folder.mkdir(parents=True, exist_ok=True)
+        self._known = {}
         try:
             return self._evaluate(trial, folder)
+        except optuna.TrialPruned as err:
+            _write_json(folder / "metrics.json", {**self._known, "pruned": str(err)})
+            raise
         except Exception as err:
             # Optuna records the failure but not why: keep the reason with the trial.
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            text = str(err).strip()
+            reason = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
             trial.set_user_attr("fail_reason", reason)
-            (folder / "metrics.json").write_text(
-                json.dumps({"trial": trial.number, "failed": reason}, indent=2) + "\n")
+            _write_json(folder / "metrics.json", {"trial": trial.number, "failed": reason})
             raise
 
     def _evaluate(self, trial: optuna.Trial, folder: Path) -> tuple[float, float, float]:
         ctx = self.ctx
+        shape = tuple(ctx.inventory.input_shape)
         plan = ctx.space.suggest_plan(trial, ctx.inventory)
+        deploy = ctx.space.suggest_deploy(trial, ctx.measurers.profile)
+        tuning = ctx.space.suggest_finetune(trial)
+        if not ctx.finetune or not plan.layers:
+            tuning = replace(tuning, steps=0)
         plan.save(folder / "plan.json")
-        trial.set_user_attr("plan", plan.to_json())
-        trial.set_user_attr("plan_summary", plan.describe())
+        for key, value in (("plan", plan.to_json()), ("plan_summary", plan.describe()),
+                           ("deploy", deploy)):
+            trial.set_user_attr(key, value)
         timings = {}
 
         start = time.perf_counter()
         model = apply_plan(ctx.teacher, plan, ctx.inventory,
-                           channel_multiple=ctx.profile.channel_multiple, calib=ctx.calib)
+                           channel_multiple=ctx.measurers.profile.channel_multiple, calib=ctx.calib)
         timings["apply_s"] = time.perf_counter() - start
-        if plan.layers:
+
+        # Latency, size and memory depend on the structure only, so they are known before
+        # fine-tuning: a trial that cannot meet the budgets can be stopped early.
+        profile, measurer, table = ctx.measurers.get(deploy)
+        start = time.perf_counter()
+        latency = measurer.measure(model, shape)
+        timings["measure_s"] = time.perf_counter() - start
+        table_figures = None
+        if table is not None:
             start = time.perf_counter()
-            finetune(model, ctx.teacher, ctx.train, ctx.space.finetune, seed=ctx.seed + trial.number)
-            timings["finetune_s"] = time.perf_counter() - start
+            table_figures = _predict_from_table(table, model, shape, latency,
+                                                f"{ctx.run_dir.name}/trial {trial.number}")
+            timings["table_s"] = time.perf_counter() - start
+        size = size_bytes(model)
+        memory = device_memory(model, shape, profile)
+        constraints = _constraints(ctx.budgets, latency, size, memory, profile)
+        feasible = all(value <= 0 for value in constraints.values())
+        # Constraints are Optuna's (feasible when <= 0), which the samplers respect, rather
+        # than penalties folded into the objectives.
+        for key, value in constraints.items():
+            trial.set_constraint(key, value)
+        trial.set_user_attr("constraints", constraints)
+        metrics = {
+            "trial": trial.number,
+            "label": trial.user_attrs.get("label"),
+            "plan_digest": plan.digest(),
+            "plan_summary": plan.describe(),
+            "deploy": deploy,
+            "latency": latency.to_json(),
+            "params": count_params(model),
+            "macs": build_inventory(model, shape, coupling=False).macs,
+            "size_bytes": size,
+            "budgets": {"latency_s": ctx.budgets.latency_s, "size_bytes": ctx.budgets.size_bytes},
+            "constraints": constraints,
+            "feasible": feasible,
+            "memory": memory.as_dict() if memory is not None else None,
+            "over_memory": memory.exceeds(profile.memory) if memory is not None else None,
+            "latency_table": table_figures,
+            "finetune": asdict(tuning),
+        }
+        for key in ("latency", "params", "macs", "size_bytes"):
+            trial.set_user_attr(key, metrics[key])
+        trial.set_user_attr("feasible_before_finetune", feasible)
+        self._known = metrics
+
+        if tuning.steps:
+            start = time.perf_counter()
+            checkpoints = None
+            if ctx.pruner is not None:
+                checkpoints = Checkpoints(trial, ctx.pruner, model,
+                                          take(ctx.val, CHECKPOINT_IMAGES, ctx.seed), tuning.steps)
+                checkpoints.start()  # a trial over the budgets stops here, before fine-tuning
+            try:
+                finetune(model, ctx.teacher, ctx.train, tuning, seed=ctx.seed + trial.number,
+                         on_step=checkpoints)
+            finally:
+                timings["finetune_s"] = time.perf_counter() - start
         start = time.perf_counter()
         accuracy = evaluate(model, ctx.val)
         timings["eval_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        latency = ctx.measurer.measure(model, tuple(ctx.inventory.input_shape))
-        timings["measure_s"] = time.perf_counter() - start
-
-        if ctx.table is not None:
-            start = time.perf_counter()
-            table_figures = self._predict_from_table(model, latency, trial.number)
-            timings["table_s"] = time.perf_counter() - start
-        params = count_params(model)
-        macs = build_inventory(model, tuple(ctx.inventory.input_shape), coupling=False).macs
-        memory = device_memory(model, tuple(ctx.inventory.input_shape), ctx.profile)
-        over_memory = memory.exceeds(ctx.profile.memory) if memory is not None else None
-        feasible = (ctx.budget_s is None or latency.median_s <= ctx.budget_s) and over_memory is None
-        metrics = {
-            "trial": trial.number,
-            "plan_digest": plan.digest(),
-            "plan_summary": plan.describe(),
-            "val_acc": accuracy,
-            "latency": latency.to_json(),
-            "params": params,
-            "macs": macs,
-            "size_bytes": size_bytes(model),
-            "budget_s": ctx.budget_s,
-            "feasible": feasible,
-            "memory": memory.as_dict() if memory is not None else None,
-            "over_memory": over_memory,
-            "latency_table": table_figures if ctx.table is not None else None,
-            "finetune_steps": ctx.space.finetune.steps if plan.layers else 0,
-            "timings": timings,
-        }
+        metrics.update(val_acc=accuracy, intermediate=trial.user_attrs.get("intermediate"),
+                       timings=timings)
         torch.save(model.state_dict(), folder / "model.pt")
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        for key in ("val_acc", "params", "macs", "size_bytes", "feasible"):
-            trial.set_user_attr(key, metrics[key])
-        trial.set_user_attr("latency", latency.to_json())
-        # The budget is an Optuna constraint (feasible when <= 0), which the samplers
-        # respect, rather than a penalty folded into the objectives.
-        slack = 0.0 if ctx.budget_s is None else latency.median_s - ctx.budget_s
-        trial.set_constraint("latency_over_budget_s", slack)
-        if memory is not None:
-            limits = ctx.profile.memory
-            for key, used, limit in (("sram", memory.sram_bytes, limits.sram_bytes),
-                                     ("flash", memory.flash_bytes, limits.flash_bytes)):
-                if limit:
-                    trial.set_constraint(f"{key}_over_limit", (used - limit) / limit)
-        return accuracy, latency.median_s * 1e3, float(params)
+        _write_json(folder / "metrics.json", metrics)
+        trial.set_user_attr("val_acc", accuracy)
+        trial.set_user_attr("feasible", feasible)
+        return accuracy, latency.median_s * 1e3, float(size)
 
 
-    def _predict_from_table(self, model: nn.Module, measured: Latency, number: int) -> dict:
-        """The latency table's prediction for the trial's model, recorded next to the
-        end-to-end measurement so that the table's error is always known. A table failure
-        is reported with the trial, not allowed to fail it."""
-        ctx = self.ctx
-        assert ctx.table is not None
-        try:
-            prediction = ctx.table.predict(model, tuple(ctx.inventory.input_shape))
-            ctx.table.record(prediction, measured, f"{ctx.run_dir.name}/trial {number}")
-            if ctx.table.overhead().models == 0 and len(ctx.table.records()) >= TABLE_FIT_AFTER:
-                ctx.table.fit_overhead()
-        except Exception as err:
-            return {"error": f"{type(err).__name__}: {str(err).strip()[:200]}"}
-        return {"predicted_s": prediction.latency.median_s,
-                "error": prediction.latency.median_s / measured.median_s - 1,
-                "kernels": prediction.kernels, "hits": prediction.hits,
-                "provenance": prediction.latency.provenance}
+def _constraints(budgets: Budgets, latency: Latency, size: int, memory, profile) -> dict[str, float]:
+    """Each limit's violation relative to the limit (<= 0: met), so that violations of
+    different limits add up to one distance from feasibility."""
+    constraints = {"latency_over_budget": 0.0 if budgets.latency_s is None
+                   else latency.median_s / budgets.latency_s - 1}
+    if budgets.size_bytes is not None:
+        constraints["size_over_budget"] = (size - budgets.size_bytes) / budgets.size_bytes
+    if memory is not None:
+        limits = profile.memory
+        for key, used, limit in (("sram", memory.sram_bytes, limits.sram_bytes),
+                                 ("flash", memory.flash_bytes, limits.flash_bytes)):
+            if limit:
+                constraints[f"{key}_over_limit"] = (used - limit) / limit
+    return constraints
+
+
+def _predict_from_table(table: LatencyTable, model: nn.Module, shape: tuple[int, ...],
+                        measured: Latency, label: str) -> dict:
+    """The latency table's prediction for the trial's model, recorded next to the end-to-end
+    measurement so that the table's error is always known. A table failure is reported
+    with the trial, not allowed to fail it."""
+    try:
+        prediction = table.predict(model, shape)
+        table.record(prediction, measured, label)
+        if table.overhead().models == 0 and len(table.records()) >= TABLE_FIT_AFTER:
+            table.fit_overhead()
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {str(err).strip()[:200]}"}
+    return {"predicted_s": prediction.latency.median_s,
+            "error": prediction.latency.median_s / measured.median_s - 1,
+            "kernels": prediction.kernels, "hits": prediction.hits,
+            "provenance": prediction.latency.provenance}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    temporary.replace(path)

@@ -2,18 +2,19 @@
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from autocomp.baseline import ModelSource
 from autocomp.errors import AutocompError
 from autocomp.hardware.profiles import HardwareProfile, load_target
+from autocomp.units import parse_bytes
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Settings that must not change when a run is resumed: they define what the trials mean.
-FIXED_ON_RESUME = ("model", "data", "target", "untuned", "space", "budget", "seed", "train_subset",
-                   "val_subset")
+FIXED_ON_RESUME = ("model", "data", "target", "untuned", "space", "budget", "size_budget", "sram",
+                   "flash", "finetune", "sensitivity", "warm_start", "seed", "train_subset", "val_subset")
 
 
 @dataclass
@@ -31,6 +32,15 @@ class RunSettings:
     train_subset: int | None = None
     val_subset: int | None = None
     untuned: bool = False  # compiled with TVM's default schedules (--untuned), not tuned kernels
+    sampler: str = "tpe"
+    storage: str | None = None  # Optuna storage URL; None: runs/RUN/study.db
+    size_budget: str | None = None  # e.g. "1MB": deployed model size limit
+    sram: str | None = None  # MCU SRAM limit overriding the profile's
+    flash: str | None = None  # MCU flash limit overriding the profile's
+    finetune: bool = True  # False: data-free (--no-finetune), calibration only
+    sensitivity: bool = True  # the sensitivity pre-pass narrows and seeds the space
+    warm_start: bool = True  # enqueue the uncompressed model and the uniform baselines
+    latency_table: bool = False  # record the kernel latency table's prediction per trial
     baseline: dict[str, Any] = field(default_factory=dict)  # accuracy, latency, budget_s
 
     @property
@@ -38,8 +48,8 @@ class RunSettings:
         return (1, self.model.in_channels, self.model.input_size, self.model.input_size)
 
     def load_target(self) -> HardwareProfile:
-        """The run's hardware profile, untuned when the run was."""
-        return load_target(self.target, untuned=self.untuned)
+        """The run's hardware profile, untuned when the run was, with its memory overrides."""
+        return with_memory_limits(load_target(self.target, untuned=self.untuned), self.sram, self.flash)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,6 +57,22 @@ class RunSettings:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunSettings":
         return cls(**{**data, "model": ModelSource(**data["model"])})
+
+
+def with_memory_limits(profile: HardwareProfile, sram: str | None, flash: str | None) -> HardwareProfile:
+    """``profile`` with its SRAM / flash limits replaced (``--sram``, ``--flash``); only MCU
+    profiles (C-source targets) have them."""
+    if sram is None and flash is None:
+        return profile
+    if profile.tvm_target.get("kind") != "c":
+        raise AutocompError(f"--sram and --flash apply to microcontroller profiles; {profile.name} "
+                            f"is a {profile.tvm_target.get('kind')} target (use --size for model size)")
+    limits = profile.memory
+    if sram is not None:
+        limits = replace(limits, sram_bytes=parse_bytes(sram))
+    if flash is not None:
+        limits = replace(limits, flash_bytes=parse_bytes(flash))
+    return replace(profile, memory=limits)
 
 
 def check_name(name: str) -> str:
@@ -68,6 +94,7 @@ def load_settings(folder: Path) -> RunSettings:
 
 
 def save_settings(folder: Path, settings: RunSettings) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     temporary = folder / "run.json.tmp"
     temporary.write_text(json.dumps(settings.to_json(), indent=2) + "\n")
     temporary.replace(folder / "run.json")
