@@ -145,3 +145,25 @@ def test_the_study_opens_in_optuna_dashboard(small_run: Path) -> None:
     detail = get(f"/api/studies/{studies[0]['study_id']}")
     assert [t["state"] for t in detail["trials"]].count("Complete") == 3
     assert {attr["key"] for attr in detail["trials"][0]["user_attrs"]} >= {"plan_summary", "val_acc"}
+
+
+def test_data_free_mcu_search_with_an_impossible_sram_budget_shows_the_closest(
+        cli, tmp_path: Path, trained_resnet: Path) -> None:
+    code, out, err = cli("search", "--model", "demo-resnet", "--weights", str(trained_resnet), "--data",
+                         "fashion-mnist", "--target", "cortex-m7", "--space", "mcu", "--no-finetune",
+                         "--sram", "4KB", "--trials", "2", "--val-subset", "300", "--no-sensitivity",
+                         "--name", "m7")
+    assert code == 0, err
+    assert "data-free (no fine-tuning)" in out
+    assert "no trial meets the budgets" in out and "the closest 2" in out
+    run = tmp_path / "runs" / "m7"
+    front = json.loads((run / "front.json").read_text())
+    assert front["feasible"] is False and len(front["trials"]) == 2
+    assert all("estimated (cortex-m7" in row["search_latency"]["provenance"] for row in front["trials"])
+    for number in (0, 1):
+        metrics = json.loads((run / "trials" / str(number) / "metrics.json").read_text())
+        assert metrics["finetune"]["steps"] == 0
+        assert metrics["constraints"]["sram_over_limit"] > 0 and not metrics["feasible"]
+        assert metrics["memory"]["sram_bytes"] > 4 * 1024
+    code, _, err = cli("search", "--model", "demo-resnet", "--data", "fashion-mnist", "--sram", "4KB")
+    assert code == 2 and "--sram and --flash apply to microcontroller profiles" in err

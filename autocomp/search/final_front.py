@@ -10,12 +10,10 @@ import optuna
 from autocomp.data import DataSplits
 from autocomp.errors import AutocompError
 from autocomp.search.measurers import MeasurerPool
-from autocomp.search.pareto import TrialResult, pareto_front, plot_front, write_csv
+from autocomp.search.pareto import TrialResult, closest, pareto_front, plot_front, violation, write_csv
 from autocomp.search.run import RunSettings
 from autocomp.train import evaluate
 from autocomp.units import format_bytes, format_seconds
-
-CLOSEST = 3  # trials shown when none meets the budgets
 
 
 @dataclass
@@ -26,11 +24,6 @@ class FinalFront:
     feasible: bool
     rows: list[dict]
     path: Path
-
-
-def violation(trial: optuna.trial.FrozenTrial) -> float:
-    """How far a trial is from meeting every budget (0 when it does)."""
-    return sum(max(0.0, value) for value in trial.user_attrs.get("constraints", {}).values())
 
 
 def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSettings, run_dir: Path,
@@ -44,7 +37,7 @@ def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSetti
         raise AutocompError("no trial finished, so there is no Pareto front")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     front = pareto_front([r for r in results if r.feasible])
-    chosen = front or sorted(results, key=lambda r: (violation(trials[r.number]), -r.val_acc))[:CLOSEST]
+    chosen = front or closest(results, trials)
     rows = []
     for result in chosen:
         row = {"number": result.number, "label": result.label, "val_acc": result.val_acc,

@@ -51,6 +51,21 @@ def latency_provenance(results: list[TrialResult]) -> str:
     return "; ".join(dict.fromkeys(r.provenance for r in results))
 
 
+# Trials shown when none meets the budgets.
+CLOSEST = 3
+
+
+def violation(trial: optuna.trial.FrozenTrial) -> float:
+    """How far a trial is from meeting every budget: its constraints' summed relative
+    violations (0 when it meets them all)."""
+    return sum(max(0.0, value) for value in trial.user_attrs.get("constraints", {}).values())
+
+
+def closest(results: list[TrialResult], trials: dict[int, optuna.trial.FrozenTrial]) -> list[TrialResult]:
+    """The CLOSEST results to meeting the budgets, nearest first (most accurate among ties)."""
+    return sorted(results, key=lambda r: (violation(trials[r.number]), -r.val_acc))[:CLOSEST]
+
+
 def _dominates(a: TrialResult, b: TrialResult) -> bool:
     no_worse = (a.val_acc >= b.val_acc and a.latency_s <= b.latency_s and a.size_bytes <= b.size_bytes)
     better = (a.val_acc > b.val_acc or a.latency_s < b.latency_s or a.size_bytes < b.size_bytes)

@@ -24,6 +24,7 @@ from autocomp.search.method_map import model_layers, write_method_map
 from autocomp.search.pareto import (
     TrialResult,
     best_feasible,
+    closest,
     collect,
     format_table,
     latency_provenance,
@@ -34,7 +35,6 @@ from autocomp.search.storage import open_storage
 from autocomp.units import format_bytes, format_count, format_seconds
 
 NOT_COMPUTED = "Not computed for this run."
-CLOSEST = 3  # trials shown when none meets the budgets
 STATES = {"COMPLETE": "complete", "PRUNED": "stopped early (pruned)", "FAIL": "failed",
           "RUNNING": "running (or killed while running)", "WAITING": "queued, not started"}
 CSS = """
@@ -99,11 +99,6 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _violation(trial: optuna.trial.FrozenTrial) -> float:
-    """How far a trial is from meeting every budget (0 when it does or says nothing)."""
-    return sum(max(0.0, value) for value in trial.user_attrs.get("constraints", {}).values())
-
-
 def load_run(run_dir: Path) -> RunView:
     """Read a run: settings, study, and its front; a one-line error when there is nothing to show."""
     settings = load_settings(run_dir)
@@ -124,8 +119,7 @@ def load_run(run_dir: Path) -> RunView:
         front = pareto_front([r for r in results if r.feasible])
         feasible = bool(front)
         if not front:
-            violations = {t.number: _violation(t) for t in trials}
-            front = sorted(results, key=lambda r: (violations[r.number], -r.val_acc))[:CLOSEST]
+            front = closest(results, {t.number: t for t in trials})
     return RunView(run_dir, settings, trials, results, front, feasible, final, dict(study.user_attrs))
 
 
