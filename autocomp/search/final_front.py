@@ -70,9 +70,14 @@ def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSetti
         log(f"Pareto front of {len(results)} finished trials ({feasible_count} within budget), "
             f"re-measured end to end, latency {provenance}:")
     else:
-        log(f"no trial meets the budgets (latency {format_seconds(settings.baseline.get('budget_s'))}"
-            f"{', size ' + settings.size_budget if settings.size_budget else ''}); the closest "
-            f"{len(rows)}, latency {provenance}:")
+        budget_s = settings.baseline.get("budget_s")
+        limits = ", ".join(text for text in (
+            f"latency {format_seconds(budget_s)}" if budget_s is not None else "",
+            f"size {settings.size_budget}" if settings.size_budget else "",
+            f"SRAM {settings.sram}" if settings.sram else "",
+            f"flash {settings.flash}" if settings.flash else "",
+        ) if text) or "the target's memory limits"
+        log(f"no trial meets the budgets ({limits}); the closest {len(rows)}, latency {provenance}:")
     log(format_rows(rows, settings.baseline["latency"]["median_s"]))
     report_md, report_html = write_report(run_dir)
     log(f"\nwrote {final.path}, {run_dir / 'pareto.csv'}, {run_dir / 'pareto.png'}, {report_md} and "
