@@ -3,6 +3,7 @@ exactly the requested number."""
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +29,17 @@ def _trials(run: Path) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False)
 
 
+def _finished_states(db: Path) -> bool:
+    """Whether a trial finished, read without Optuna: opening the storage while the search
+    creates it would race its schema creation."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+            states = [row[0] for row in connection.execute("select state from trials")]
+    except sqlite3.Error:  # not created yet
+        return False
+    return any(state in ("COMPLETE", "PRUNED") for state in states)
+
+
 def test_sigterm_mid_search_loses_nothing_and_resumes(cli, tmp_path: Path, trained_resnet: Path) -> None:
     run = tmp_path / "runs" / "killed"
     log = tmp_path / "search.log"
@@ -36,8 +48,7 @@ def test_sigterm_mid_search_loses_nothing_and_resumes(cli, tmp_path: Path, train
                                    cwd=tmp_path, stdout=output, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        trials = _trials(run) if (run / "study.db").is_file() else []
-        if any(t.state in FINISHED for t in trials):
+        if _finished_states(run / "study.db"):
             break  # the next trial starts at once: stop the search while it runs
         time.sleep(0.2)
     assert process.poll() is None, log.read_text()[-2000:]
