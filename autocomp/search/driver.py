@@ -22,7 +22,7 @@ from autocomp.search.run import RunSettings, save_settings
 from autocomp.search.sensitivity import Sensitivity, measure_sensitivity
 from autocomp.search.space import SearchSpace
 from autocomp.search.storage import describe_storage
-from autocomp.search.study import adopt, create_study, shared_settings_json, shared_state
+from autocomp.search.study import adopt, create_study, open_study, shared_settings_json, shared_state
 from autocomp.search.workers import run_trials
 from autocomp.train import evaluate
 from autocomp.units import LatencyBudget, format_bytes, format_seconds
@@ -78,13 +78,10 @@ def run_search(settings: RunSettings, runs_root: Path, data: DataSplits, profile
                 log("study: another worker created it first; joining it with its baseline")
                 shared = dict(study.user_attrs)
         else:
-            created = False
+            study, created = open_study(run_dir, settings), False
         adopt(settings, shared)
         sensitivity = Sensitivity.from_json(shared["sensitivity"]) if shared.get("sensitivity") else None
         if not created:
-            from autocomp.search.study import open_study
-
-            study = open_study(run_dir, settings)
             _log_baseline(settings, log)
         save_settings(run_dir, settings)
         if sensitivity is not None:
