@@ -2,6 +2,6 @@
 
 import sys
 
-from autocomp.cli import main
+from autocomp.cli.main import main
 
 sys.exit(main())

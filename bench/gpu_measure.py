@@ -39,7 +39,7 @@ def _network(spec: str, shape: tuple[int, ...]):
         import torchvision
 
         return getattr(torchvision.models, spec.split(":", 1)[1])(weights=None).eval()
-    from autocomp.models import build_model
+    from autocomp.intake.models import build_model
 
     return build_model(spec, num_classes=10, in_channels=shape[1]).eval()
 
@@ -51,7 +51,7 @@ def _slug(spec: str) -> str:
 def build(directory: Path) -> None:
     import torch
 
-    from autocomp.hardware.cuda import compile_cuda, compile_kernels, cuda_source, export_cuda
+    from autocomp.hardware.compile.cuda import compile_cuda, compile_kernels, cuda_source, export_cuda
     from autocomp.hardware.profiles import load_profile
 
     profile = load_profile("gpu")
@@ -117,7 +117,7 @@ def _torch_eager(spec: str, shape: list[int], repeat: int = 30, min_repeat_ms: f
 
 
 def time_all(directory: Path, out: Path) -> None:
-    from autocomp.hardware.cuda import CudaMeasurer
+    from autocomp.hardware.measure.cuda import CudaMeasurer
 
     manifest = json.loads((directory / "manifest.json").read_text())
     profile = pickle.loads((directory / "profile.pkl").read_bytes())

@@ -2,11 +2,11 @@
 
 For each model, the fp32 network and its all-layers w8a8 version (``quant``: 8-bit
 per-channel weights, 8-bit activations calibrated on random images) are imported by
-``autocomp.hardware.lower.to_relax`` (the w8a8 one as uint8 x int8 -> int32 kernels,
+``autocomp.hardware.compile.lower.to_relax`` (the w8a8 one as uint8 x int8 -> int32 kernels,
 checked to be integer in the IR and against PyTorch), compiled for the host profile
 (MetaSchedule-tuned with ``--trials`` per workload into a database under
 $AUTOCOMP_CACHE, or plain ``tvm.compile`` with ``--untuned``), and timed each in its own
-process (``autocomp.hardware.timer_worker``, TVM_NUM_THREADS=--threads), fp32 and int8
+process (``autocomp.hardware.measure.timer_worker``, TVM_NUM_THREADS=--threads), fp32 and int8
 alternating for ``--rounds`` rounds. Weights are random: latency does not depend on them.
 
     python bench/int8_vs_fp32.py --trials 16 --out docs/bench-int8.md
@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autocomp.compress import apply_plan
-from autocomp.hardware.int8 import integer_model
-from autocomp.hardware.lower import to_relax
+from autocomp.core.inventory import build_inventory
+from autocomp.hardware.compile.int8 import integer_model
+from autocomp.hardware.compile.lower import to_relax
+from autocomp.hardware.compile.tune import compile_tuned, last_report, tuning_label
 from autocomp.hardware.profiles import load_profile
-from autocomp.hardware.tune import compile_tuned, last_report, tuning_label
-from autocomp.inventory import build_inventory
-from autocomp.models import build_model
-from autocomp.plan import CompressionPlan
+from autocomp.intake.models import build_model
+from autocomp.methods.apply import apply_plan
+from autocomp.methods.plan import CompressionPlan
 
 W8A8 = {"method": "quant", "w_bits": 8, "a_bits": 8}
 
@@ -91,8 +91,9 @@ def _time(library: Path, shape: tuple[int, ...], threads: int) -> list[float]:
     """Samples (seconds) from a fresh timing worker process."""
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     request = json.dumps({"library": str(library), "shape": list(shape), "repeat": 15, "min_repeat_ms": 200})
-    done = subprocess.run([sys.executable, "-m", "autocomp.hardware.timer_worker"], input=request + "\n",
-                          capture_output=True, text=True, env=env, timeout=1800, check=True)
+    done = subprocess.run([sys.executable, "-m", "autocomp.hardware.measure.timer_worker"],
+                          input=request + "\n", capture_output=True, text=True, env=env, timeout=1800,
+                          check=True)
     reply = json.loads(done.stdout.splitlines()[-1])
     if not reply["ok"]:
         raise RuntimeError(reply["error"])

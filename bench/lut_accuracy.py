@@ -42,13 +42,13 @@ def main() -> None:
     import optuna
     import torch
 
-    from autocomp.compress import apply_plan
-    from autocomp.hardware.lut import LatencyTable, summarise
-    from autocomp.hardware.measure import LocalMeasurer
+    from autocomp.core.inventory import build_inventory
+    from autocomp.hardware.costmodel.lut import LatencyTable, summarise
+    from autocomp.hardware.measure.local import LocalMeasurer
     from autocomp.hardware.profiles import load_profile
-    from autocomp.inventory import build_inventory
-    from autocomp.models import build_model
-    from autocomp.search.space import load_space
+    from autocomp.intake.models import build_model
+    from autocomp.methods.apply import apply_plan
+    from autocomp.search.space.loading import load_space
 
     base = load_profile(args.target)
     profile = dataclasses.replace(base, latency=dataclasses.replace(

@@ -14,8 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from autocomp.meprop import meprop
-from autocomp.models import build_model
+from autocomp.intake.models import build_model
+from autocomp.training.meprop import meprop
 
 MODELS = [("demo-resnet", (64, 1, 28, 28)), ("demo-mobilenetv2", (64, 1, 28, 28)),
           ("torchvision:vgg11_bn", (16, 3, 64, 64)), ("torchvision:resnet18", (16, 3, 64, 64))]

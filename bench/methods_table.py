@@ -14,14 +14,16 @@ import os
 
 import torch
 
-from autocomp.baseline import ModelSource, cached_baseline
-from autocomp.compress import apply_plan, count_params, size_bytes
-from autocomp.data import calibration_loader, load_data, take
-from autocomp.distill import FinetuneConfig, finetune
-from autocomp.inventory import build_inventory
-from autocomp.plan import CompressionPlan
-from autocomp.train import evaluate
-from autocomp.units import format_bytes, format_count
+from autocomp.core.inventory import build_inventory
+from autocomp.core.units import format_bytes, format_count
+from autocomp.intake.data import calibration_loader, load_data, take
+from autocomp.intake.source import ModelSource
+from autocomp.methods.apply import apply_plan, count_params, size_bytes
+from autocomp.methods.plan import CompressionPlan
+from autocomp.training.baseline import cached_baseline
+from autocomp.training.config import FinetuneConfig
+from autocomp.training.distill import finetune
+from autocomp.training.train import evaluate
 
 # (label, method, [low strength, high strength]); every eligible layer takes the choice.
 METHODS = [
@@ -68,8 +70,7 @@ def main() -> None:
           "| test acc fine-tuned |")
     print("|---|---|---|---|---|---|---|---|---|")
     for spec in MODELS:
-        source, _ = cached_baseline(ModelSource(spec, 10, 1, 28), data, epochs=4,
-                                    log=lambda message: None)
+        source, _ = cached_baseline(ModelSource(spec, 10, 1, 28), data, epochs=4)
         teacher = source.build()
         shape = (1, 1, 28, 28)
         inventory = build_inventory(teacher, shape)

@@ -1,7 +1,7 @@
 """autocomp search vs Optuna random sampling vs the uniform baselines (issue 5's benchmark).
 
 For each demo network on Fashion-MNIST (the trained baseline comes from the cache, see
-``autocomp.baseline.cached_baseline``), with the same number of trials each:
+``autocomp.training.baseline.cached_baseline``), with the same number of trials each:
 
 - autocomp: ``autocomp search`` as shipped (TPE sampler, warm start, sensitivity pre-pass);
 - random: ``autocomp search --sampler random --no-warm-start --no-sensitivity``;
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import optuna
 
-from autocomp.data import DataSplits, load_data
-from autocomp.export import load_trial_model
-from autocomp.search.front_metrics import best_under_budget, hypervolume, speedup_at_loss
-from autocomp.search.run import RunSettings, load_settings
-from autocomp.train import evaluate
+from autocomp.intake.data import DataSplits, load_data
+from autocomp.search.results.front_metrics import best_under_budget, hypervolume, speedup_at_loss
+from autocomp.search.results.trials import load_trial_model
+from autocomp.search.settings import RunSettings, load_settings
+from autocomp.training.train import evaluate
 
 MODELS = ("demo-resnet", "demo-mobilenetv2")
 DATA = "fashion-mnist"

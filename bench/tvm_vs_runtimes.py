@@ -70,7 +70,7 @@ def worker(kind: str, path: str, shape: list[int], threads: int, min_repeat_s: f
         return _time_loop(lambda: session.run(None, {name: x}), min_repeat_s)
     import torch
 
-    from autocomp.models import build_model
+    from autocomp.intake.models import build_model
 
     torch.set_num_threads(threads)
     spec, num_classes, in_channels = json.loads(path)
@@ -119,9 +119,9 @@ def _time_all(paths: dict[str, str], shape: tuple[int, ...], args: argparse.Name
 def bench_model(spec: str, args: argparse.Namespace, profile, folder: Path) -> dict:
     import torch
 
-    from autocomp.hardware import tune
-    from autocomp.hardware.lower import to_relax
-    from autocomp.models import build_model
+    from autocomp.hardware.compile import tune
+    from autocomp.hardware.compile.lower import to_relax
+    from autocomp.intake.models import build_model
 
     torch.manual_seed(0)
     name = spec if ":" in spec or spec.startswith("demo-") else f"torchvision:{spec}"

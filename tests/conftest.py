@@ -3,10 +3,14 @@
 import os
 from pathlib import Path
 
+# As the CLI does before torch loads its OpenMP runtime: spinning OpenMP threads slow the
+# tests' TVM timing workers and each other on a small machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
-from autocomp.data import DataSplits, load_data, take
+from autocomp.intake.data import DataSplits, load_data, take
 
 torch.set_num_threads(os.cpu_count() or 1)
 
@@ -26,8 +30,8 @@ def fmnist() -> DataSplits:
 @pytest.fixture(scope="session")
 def trained_resnet(fmnist: DataSplits, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """demo-resnet trained for one epoch on 8,000 images (about 89% of what 4 epochs reach)."""
-    from autocomp.models import build_model
-    from autocomp.train import train
+    from autocomp.intake.models import build_model
+    from autocomp.training.train import train
 
     torch.manual_seed(0)  # the same weights whichever tests run first
     model = build_model("demo-resnet", num_classes=10, in_channels=1)
@@ -40,7 +44,7 @@ def trained_resnet(fmnist: DataSplits, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Run ``autocomp ARGS`` in-process from an empty folder; returns (code, stdout, stderr)."""
-    from autocomp.cli import main
+    from autocomp.cli.main import main
 
     monkeypatch.chdir(tmp_path)
 
@@ -73,7 +77,7 @@ def small_run(trained_resnet: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """A real three-trial search (host, untuned, sensitivity pre-pass and warm start on) named
     ``r``, made once and shared by the report, pareto and codesign tests, which only read it
     or add their own files. Returns the runs folder."""
-    from autocomp.cli import main
+    from autocomp.cli.main import main
 
     runs = tmp_path_factory.mktemp("runs")
     code = main(["search", "--model", "demo-resnet", "--weights", str(trained_resnet), "--data",

@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from autocomp.inventory import Inventory, build_inventory
-from autocomp.models import build_model
-from autocomp.plan import CompressionPlan
+from autocomp.core.inventory import Inventory, build_inventory
+from autocomp.intake.models import build_model
+from autocomp.methods.plan import CompressionPlan
 
 
 def make_plan(layers: dict) -> CompressionPlan:

@@ -1,23 +1,26 @@
+import logging
 from pathlib import Path
 
+import pytest
 import torch
 
-from autocomp.baseline import ModelSource, cached_baseline
-from autocomp.data import DataSplits, take
+from autocomp.intake.data import DataSplits, take
+from autocomp.intake.source import ModelSource
+from autocomp.training.baseline import cached_baseline
 
 
-def test_baseline_is_trained_once_then_cached(fmnist: DataSplits) -> None:
+def test_baseline_is_trained_once_then_cached(fmnist: DataSplits, caplog: pytest.LogCaptureFixture) -> None:
     small = DataSplits("fashion-mnist", take(fmnist.train, 2000), take(fmnist.val, 500),
                        take(fmnist.test, 500), fmnist.classes, fmnist.sample_shape)
     source = ModelSource("demo-resnet", 10, 1, 28)
-    messages: list[str] = []
-    trained, info = cached_baseline(source, small, epochs=1, log=messages.append)
+    caplog.set_level(logging.INFO, logger="autocomp")
+    trained, info = cached_baseline(source, small, epochs=1)
     assert trained.weights and Path(trained.weights).is_file()
     assert 0.2 < info["val_acc"] <= 1.0  # 16 steps already learn twice the 10% of chance
-    again, info_again = cached_baseline(source, small, epochs=1, log=messages.append)
+    again, info_again = cached_baseline(source, small, epochs=1)
     assert again.weights == trained.weights and info_again == info
-    assert "using the cached" in messages[-1]
+    assert "using the cached" in caplog.messages[-1]
     model = again.build()
     assert torch.equal(model.fc.weight, trained.build().fc.weight)
-    other, _ = cached_baseline(source, small, epochs=2, log=messages.append)
+    other, _ = cached_baseline(source, small, epochs=2)
     assert other.weights != trained.weights

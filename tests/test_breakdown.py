@@ -1,9 +1,9 @@
 import pytest
 from test_lut import SHAPE, quick_profile, small_net
 
-from autocomp.errors import AutocompError
-from autocomp.hardware.breakdown import profile_model
-from autocomp.hardware.kernels import model_kernels
+from autocomp.core.errors import AutocompError
+from autocomp.hardware.costmodel.breakdown import profile_model
+from autocomp.hardware.costmodel.kernels import model_kernels
 from autocomp.hardware.profiles import load_profile
 
 

@@ -1,5 +1,6 @@
 """Calibrating the cost model against published figures and against measurements."""
 
+import logging
 import math
 import statistics
 import time
@@ -9,8 +10,10 @@ import pytest
 import torch
 import yaml
 
-from autocomp.errors import AutocompError
-from autocomp.hardware.calibrate import (
+from autocomp.core.errors import AutocompError
+from autocomp.core.paths import cache_dir
+from autocomp.hardware.costmodel.estimate import CostModel, aggregate_op, list_ops
+from autocomp.hardware.costmodel.fit import (
     CalibrationModel,
     anchors_dir,
     build_spec,
@@ -18,10 +21,8 @@ from autocomp.hardware.calibrate import (
     compressed_model,
     load_anchors,
 )
-from autocomp.hardware.estimate import CostModel, aggregate_op, list_ops
-from autocomp.hardware.measure import Latency
+from autocomp.hardware.measure.base import Latency
 from autocomp.hardware.profiles import load_profile
-from autocomp.paths import cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ class TorchEagerMeasurer:
         pass
 
 
-def test_device_calibration_reports_held_out_error() -> None:
+def test_device_calibration_reports_held_out_error(caplog: pytest.LogCaptureFixture) -> None:
     shape = (1, 1, 28, 28)
 
     def plain(spec: str) -> CalibrationModel:
@@ -139,9 +140,10 @@ def test_device_calibration_reports_held_out_error() -> None:
     models = [plain("demo-resnet"), plain("demo-mobilenetv2"),
               CalibrationModel("demo-resnet pruned", "held-out",
                                lambda: (compressed_model("demo-resnet", shape, prune), shape))]
-    lines: list[str] = []
-    result = calibrate(load_profile("host"), "device", measurer=TorchEagerMeasurer(), models=models,
-                       progress=lines.append)
+    caplog.set_level(logging.INFO, logger="autocomp")
+    result = calibrate(load_profile("host"), "device", measurer=TorchEagerMeasurer(), models=models)
+    lines = [record.getMessage() for record in caplog.records
+             if record.name == "autocomp.hardware.costmodel.fit"]
     assert len(lines) == 3 and "PyTorch eager" in lines[0]
     assert result.out == cache_dir() / "profiles" / "host.yaml"
     fitted_to = load_profile(str(result.out)).cost_model.fitted_to

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from autocomp.errors import AutocompError
-from autocomp.hardware.estimate import estimate, list_ops
+from autocomp.core.errors import AutocompError
+from autocomp.hardware.costmodel.estimate import estimate, list_ops
 from autocomp.hardware.profiles import load_target
-from autocomp.search.codesign import estimate_variant, parse_sweep, variants
-from autocomp.search.layer_shares import OTHER, all_target_shares, layer_shares, shares_table
+from autocomp.search.results.codesign import estimate_variant, parse_sweep, variants
+from autocomp.search.results.layer_shares import OTHER, all_target_shares, layer_shares, shares_table
 
 SHAPE = (1, 1, 28, 28)
 TARGETS = ["host", "arm-a53", "cortex-m7", "gpu"]
@@ -121,7 +121,7 @@ def tiny_run(small_run: Path) -> Path:
 
 
 def test_codesign_over_clock_and_cores(tiny_run: Path, fmnist, capsys) -> None:
-    from autocomp.cli_codesign import add_codesign_command, cmd_codesign
+    from autocomp.cli.codesign import add_codesign_command, cmd_codesign
 
     parser = argparse.ArgumentParser()
     add_codesign_command(parser.add_subparsers(dest="command"))
@@ -154,11 +154,11 @@ def test_codesign_over_clock_and_cores(tiny_run: Path, fmnist, capsys) -> None:
 
 
 def test_codesign_sram_sweep_flips_mcu_feasibility(tiny_run: Path, fmnist) -> None:
-    from autocomp.search.codesign import codesign
+    from autocomp.search.results.codesign import codesign
 
     # The run searched the A53; the same front is checked against a microcontroller.
     result = codesign(tiny_run / "r", "cortex-m7", parse_sweep(["sram=8KB,320KB"]), budget="100%",
-                      data=fmnist, log=lambda _: None)
+                      data=fmnist)
     tiny, roomy = result.variants
     assert tiny.label == "sram=8KB" and roomy.label == "sram=320KB"
     assert all(t["memory"]["sram_bytes"] > 8 * 1024 for t in tiny.trials)

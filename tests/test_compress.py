@@ -4,13 +4,13 @@ import pytest
 import torch
 from helpers import make_plan
 
-from autocomp.compress import apply_plan, count_params
-from autocomp.errors import AutocompError
-from autocomp.inventory import build_inventory
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import build_inventory
+from autocomp.intake.models import build_model
+from autocomp.methods.apply import apply_plan, count_params
 from autocomp.methods.lowrank import full_rank, target_rank
+from autocomp.methods.plan import CompressionPlan
 from autocomp.methods.prune import PruneConfig, kept_channels
-from autocomp.models import build_model
-from autocomp.plan import CompressionPlan
 
 SHAPE = (1, 1, 28, 28)
 

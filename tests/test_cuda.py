@@ -5,15 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from autocomp.hardware.cuda import (
-    CudaMeasurer,
-    GpuUnavailableError,
-    compile_cuda,
-    compile_kernels,
-    cuda_source,
-    export_cuda,
-    gpu_count,
-)
+from autocomp.hardware.compile.cuda import compile_cuda, compile_kernels, cuda_source, export_cuda
+from autocomp.hardware.measure.cuda import CudaMeasurer, GpuUnavailableError, gpu_count
 from autocomp.hardware.profiles import load_profile
 
 SHAPE = (1, 1, 28, 28)

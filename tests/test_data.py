@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from autocomp.data import DataSplits, load_data
-from autocomp.errors import AutocompError
+from autocomp.core.errors import AutocompError
+from autocomp.intake.data import DataSplits, load_data
 
 
 def test_fashion_mnist_splits_are_disjoint_and_sized(fmnist: DataSplits) -> None:

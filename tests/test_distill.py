@@ -7,15 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from autocomp.compress import apply_plan
-from autocomp.data import DataSplits, take
-from autocomp.distill import FinetuneConfig, finetune
-from autocomp.feature_distill import FeatureDistiller, FeatureLossWeights, distill_points
-from autocomp.inventory import build_inventory
-from autocomp.meprop import meprop
-from autocomp.models import build_model, load_weights
-from autocomp.plan import CompressionPlan
-from autocomp.train import evaluate
+from autocomp.core.inventory import build_inventory
+from autocomp.intake.data import DataSplits, take
+from autocomp.intake.models import build_model, load_weights
+from autocomp.methods.apply import apply_plan
+from autocomp.methods.plan import CompressionPlan
+from autocomp.training.config import FinetuneConfig
+from autocomp.training.distill import finetune
+from autocomp.training.features import FeatureDistiller, FeatureLossWeights, distill_points
+from autocomp.training.meprop import meprop
+from autocomp.training.train import evaluate
 
 SHAPE = (1, 1, 28, 28)
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from helpers import make_plan
 
-from autocomp.compress import apply_plan
-from autocomp.hardware.estimate import EstimateMeasurer, estimate, list_ops
+from autocomp.core.inventory import build_inventory
+from autocomp.hardware.costmodel.estimate import EstimateMeasurer, estimate, list_ops
 from autocomp.hardware.profiles import load_profile
-from autocomp.inventory import build_inventory
+from autocomp.intake.models import build_model
+from autocomp.methods.apply import apply_plan
 from autocomp.methods.prune import PruneConfig
-from autocomp.models import build_model
 
 SHAPE = (1, 1, 28, 28)
 

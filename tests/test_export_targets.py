@@ -2,6 +2,7 @@
 library under qemu with TVM's aarch64 runtime), checked against PyTorch, and refused when wrong."""
 
 import copy
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -12,13 +13,13 @@ import torch
 from helpers import make_plan
 from torch import nn
 
-from autocomp.compress import apply_plan
-from autocomp.data import DataSplits, calibration_loader
-from autocomp.errors import AutocompError
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import build_inventory
 from autocomp.export import validation_inputs
-from autocomp.hardware import artefacts, runtimes
+from autocomp.hardware.deploy import artefacts, runtimes
 from autocomp.hardware.profiles import HardwareProfile, load_target
-from autocomp.inventory import build_inventory
+from autocomp.intake.data import DataSplits, calibration_loader
+from autocomp.methods.apply import apply_plan
 
 SHAPE = (1, 1, 28, 28)
 ELF_MACHINE = {"x86_64": 62, "aarch64": 183}
@@ -66,10 +67,12 @@ def _require_aarch64_runtime() -> None:
         pytest.skip(str(reason))
 
 
-def test_host_export_writes_and_checks_every_artefact(compressed, images, tmp_path: Path) -> None:
-    lines: list[str] = []
+def test_host_export_writes_and_checks_every_artefact(compressed, images, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="autocomp")
     job = artefacts.make_job(compressed, SHAPE, _untuned("host"), tmp_path, images)
-    written = artefacts.write_artefacts(job, log=lines.append)
+    written = artefacts.write_artefacts(job)
+    lines = caplog.messages
 
     assert {a.kind: a.files for a in written} == {"pytorch-state-dict": ("model.pt",),
                                                    "onnx": ("model.onnx",),
@@ -113,7 +116,7 @@ def test_aarch64_library_runs_under_qemu_and_matches_pytorch(compressed, images,
 
 def test_a_library_that_disagrees_with_pytorch_is_refused(compressed, images, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from autocomp.hardware import lower
+    from autocomp.hardware.compile import lower
 
     real_compile = lower.compile_model
 
@@ -127,7 +130,7 @@ def test_a_library_that_disagrees_with_pytorch_is_refused(compressed, images, tm
     monkeypatch.setattr(lower, "compile_model", compile_perturbed)
     job = artefacts.make_job(compressed, SHAPE, _untuned("host"), tmp_path, images)
     with pytest.raises(AutocompError, match=r"export refused: model\.so differs from PyTorch by 0\.5"):
-        artefacts.write_artefacts(job, log=lambda line: None)
+        artefacts.write_artefacts(job)
 
 
 def test_a_nan_or_misshapen_output_fails_the_check(compressed, images, tmp_path: Path) -> None:
@@ -165,7 +168,7 @@ def test_the_mcu_target_exports_c_sources_checked_on_this_machine(images, tmp_pa
 
 
 def test_the_gpu_target_exports_a_cuda_module_and_checks_it_only_on_a_gpu(images, tmp_path: Path) -> None:
-    from autocomp.hardware.cuda import gpu_count
+    from autocomp.hardware.measure.cuda import gpu_count
 
     profile = load_target("gpu")
     assert artefacts.target_writer(profile) is artefacts.write_cuda_module

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from autocomp.errors import AutocompError
-from autocomp.hardware.lower import compile_model, export_library
-from autocomp.hardware.measure import make_measurer
+from autocomp.core.errors import AutocompError
+from autocomp.hardware.compile.lower import compile_model, export_library
+from autocomp.hardware.oracle import make_measurer
 from autocomp.hardware.profiles import available_profiles, load_profile, load_target
-from autocomp.models import build_model
+from autocomp.intake.models import build_model
 
 
 def test_host_profile_is_measured_locally() -> None:

@@ -9,13 +9,13 @@ import torch
 from helpers import make_plan, seeded_model
 from torch import nn
 
-from autocomp.compress import apply_plan
-from autocomp.data import DataSplits, make_loader, take
-from autocomp.hardware.int8 import IntegerConv, IntegerLinear, integer_model, lowering_report
-from autocomp.hardware.lower import to_relax
-from autocomp.inventory import build_inventory
+from autocomp.core.inventory import build_inventory
+from autocomp.hardware.compile.int8 import IntegerConv, IntegerLinear, integer_model, lowering_report
+from autocomp.hardware.compile.lower import to_relax
+from autocomp.intake.data import DataSplits, make_loader, take
+from autocomp.intake.models import build_model
+from autocomp.methods.apply import apply_plan
 from autocomp.methods.quant import QuantConfig, QuantizedLayer, calibrate, quantized_copy
-from autocomp.models import build_model
 
 SHAPE = (1, 1, 28, 28)
 W8A8 = {"method": "quant", "w_bits": 8, "a_bits": 8}

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from autocomp.inventory import build_inventory
-from autocomp.models import build_model
+from autocomp.core.inventory import build_inventory
+from autocomp.intake.models import build_model
 
 
 def _inventory(spec: str, shape: tuple[int, ...], classes: int = 1000):

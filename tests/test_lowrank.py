@@ -9,10 +9,9 @@ import torch
 from helpers import make_plan, relative_error, seeded_model
 from torch import nn
 
-from autocomp.compress import apply_plan, count_params
-from autocomp.errors import AutocompError
-from autocomp.inventory import build_inventory
-from autocomp.methods import config_from_json
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import build_inventory
+from autocomp.methods.apply import apply_plan, count_params
 from autocomp.methods.lowrank import (
     LowRankConfig,
     TTLinear,
@@ -22,6 +21,7 @@ from autocomp.methods.lowrank import (
     target_rank,
     tt_unfit,
 )
+from autocomp.methods.registry import config_from_json
 
 SHAPE = (1, 1, 28, 28)
 TV_SHAPE = (1, 3, 64, 64)
@@ -253,7 +253,7 @@ def test_compiled_factorised_model_matches_pytorch(resnet, tmp_path: Path) -> No
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from autocomp.hardware.lower import compile_model, export_library
+    from autocomp.hardware.compile.lower import compile_model, export_library
     from autocomp.hardware.profiles import load_profile
 
     model, inv = resnet

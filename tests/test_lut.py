@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from autocomp.errors import AutocompError
-from autocomp.hardware.kernels import model_kernels
-from autocomp.hardware.lut import LatencyTable, summarise
-from autocomp.hardware.measure import LocalMeasurer
+from autocomp.core.errors import AutocompError
+from autocomp.hardware.costmodel.kernels import model_kernels
+from autocomp.hardware.costmodel.lut import LatencyTable, summarise
+from autocomp.hardware.measure.local import LocalMeasurer
 from autocomp.hardware.profiles import load_profile
 
 SHAPE = (1, 1, 16, 16)

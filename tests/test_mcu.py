@@ -12,21 +12,16 @@ import torch
 from helpers import make_plan
 from torch import nn
 
-from autocomp.compress import apply_plan
-from autocomp.data import DataSplits, make_loader, take
-from autocomp.errors import AutocompError
-from autocomp.hardware.mcu_export import (
-    McuArtefact,
-    berkeley_size,
-    export_mcu,
-    run_on_host,
-    size_tool,
-    toolchain,
-)
-from autocomp.hardware.mcu_memory import lower_program, plan_arena, program_memory
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import build_inventory
+from autocomp.hardware.mcu.artefact import McuArtefact, export_mcu, run_on_host
+from autocomp.hardware.mcu.memory import program_memory
+from autocomp.hardware.mcu.program import lower_program, plan_arena
+from autocomp.hardware.mcu.toolchain import berkeley_size, size_tool, toolchain
 from autocomp.hardware.profiles import MemoryLimits, load_profile
-from autocomp.inventory import build_inventory
-from autocomp.models import build_model
+from autocomp.intake.data import DataSplits, make_loader, take
+from autocomp.intake.models import build_model
+from autocomp.methods.apply import apply_plan
 
 SHAPE = (1, 1, 28, 28)
 W8A8 = {"method": "quant", "w_bits": 8, "a_bits": 8}

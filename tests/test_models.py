@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autocomp.errors import AutocompError
-from autocomp.models import build_model, load_weights
+from autocomp.core.errors import AutocompError
+from autocomp.intake.models import build_model, load_weights
 
 
 @pytest.mark.parametrize("spec", ["demo-resnet", "demo-mobilenetv2"])

@@ -8,14 +8,14 @@ import torch_pruning as tp
 from helpers import make_plan
 from torch import nn
 
-from autocomp.compress import apply_plan, count_params
-from autocomp.data import DataSplits, make_loader, take
-from autocomp.errors import AutocompError
-from autocomp.inventory import build_inventory
+from autocomp.core.errors import AutocompError
+from autocomp.core.graph import prune_graph
+from autocomp.core.inventory import build_inventory
+from autocomp.intake.data import DataSplits, make_loader, take
+from autocomp.intake.models import build_model, load_weights
+from autocomp.methods.apply import apply_plan, count_params
 from autocomp.methods.prune import kept_channels
-from autocomp.models import build_model, load_weights
-from autocomp.prune_graph import prune_graph
-from autocomp.train import evaluate
+from autocomp.training.train import evaluate
 
 TORCHVISION_SHAPE = (1, 3, 64, 64)
 TORCHVISION_MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "googlenet", "vgg11_bn",

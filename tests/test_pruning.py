@@ -8,11 +8,12 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from autocomp.data import take
-from autocomp.distill import FinetuneConfig, finetune
-from autocomp.models import build_model
-from autocomp.search.front_metrics import best_under_budget, hypervolume, speedup_at_loss
-from autocomp.search.pruning import Checkpoints, DominatedPruner, checkpoint_steps
+from autocomp.intake.data import take
+from autocomp.intake.models import build_model
+from autocomp.search.early_stop import Checkpoints, DominatedPruner, checkpoint_steps
+from autocomp.search.results.front_metrics import best_under_budget, hypervolume, speedup_at_loss
+from autocomp.training.config import FinetuneConfig
+from autocomp.training.distill import finetune
 
 DIRECTIONS = ["maximize", "minimize", "minimize"]
 

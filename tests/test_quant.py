@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from helpers import make_plan
 from torch import nn
 
-from autocomp.compress import apply_plan, size_bytes
-from autocomp.data import DataSplits, make_loader, take
-from autocomp.distill import FinetuneConfig, finetune
-from autocomp.errors import AutocompError
-from autocomp.inventory import build_inventory
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import build_inventory
+from autocomp.intake.data import DataSplits, make_loader, take
+from autocomp.intake.models import build_model
+from autocomp.methods.apply import apply_plan, size_bytes
+from autocomp.methods.plan import CompressionPlan
 from autocomp.methods.quant import (
     BinaryConfig,
     IntegerLayer,
@@ -25,9 +26,9 @@ from autocomp.methods.quant import (
     QuantLinear,
     TernaryConfig,
 )
-from autocomp.models import build_model
-from autocomp.plan import CompressionPlan
-from autocomp.train import evaluate
+from autocomp.training.config import FinetuneConfig
+from autocomp.training.distill import finetune
+from autocomp.training.train import evaluate
 
 SHAPE = (1, 1, 28, 28)
 
@@ -341,7 +342,7 @@ def test_compiled_quantized_network_matches_pytorch(teacher: nn.Module, inventor
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from autocomp.hardware.lower import compile_model, export_library
+    from autocomp.hardware.compile.lower import compile_model, export_library
     from autocomp.hardware.profiles import load_profile
 
     choices = [{"method": "quant", "w_bits": 8, "a_bits": 8},

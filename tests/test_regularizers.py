@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autocomp.data import DataSplits, make_loader, take
-from autocomp.models import build_model
-from autocomp.regularizers import (
+from autocomp.intake.data import DataSplits, make_loader, take
+from autocomp.intake.models import build_model
+from autocomp.training.regularizers import (
     COMBINED_MU,
     REGULARIZERS,
     bn_l1,
@@ -13,7 +13,7 @@ from autocomp.regularizers import (
     exclusive_sparsity,
     group_lasso,
 )
-from autocomp.train import evaluate
+from autocomp.training.train import evaluate
 
 
 def _small() -> nn.Sequential:

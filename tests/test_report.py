@@ -9,8 +9,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autocomp.search.method_map import build_method_map, cell_text, layer_configs
-from autocomp.search.pareto import TrialResult, pareto_front
+from autocomp.search.results.method_map import build_method_map, cell_text, layer_configs
+from autocomp.search.results.pareto import TrialResult, pareto_front
 
 RUN = "r"
 
@@ -45,7 +45,7 @@ def test_report_is_written_and_self_contained(cli, runs: Path) -> None:
 
 
 def test_method_map_matches_the_plans(runs: Path) -> None:
-    from autocomp.search.report import load_run, write_report
+    from autocomp.search.results.report import load_run, write_report
 
     run = runs / RUN
     write_report(run)

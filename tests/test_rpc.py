@@ -11,14 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from autocomp.errors import AutocompError
-from autocomp.hardware.measure import LocalMeasurer
+from autocomp.core.errors import AutocompError
+from autocomp.hardware.measure.local import LocalMeasurer
+from autocomp.hardware.measure.rpc import RPCMeasurer, start_local_server, start_local_tracker
 from autocomp.hardware.profiles import RpcSettings, load_profile
-from autocomp.hardware.rpc import (
-    RPCMeasurer,
-    start_local_server,
-    start_local_tracker,
-)
 
 SHAPE = (1, 1, 28, 28)
 

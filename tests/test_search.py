@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 
-from autocomp.data import load_data
+from autocomp.intake.data import load_data
 
 
 def _search_args(weights: Path, trials: int) -> list[str]:
@@ -82,7 +82,7 @@ def test_search_resume_and_export(cli, tmp_path: Path, trained_resnet: Path) -> 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(cli, tmp_path: Path, trained_resnet: Path,
                                                              monkeypatch) -> None:
-    from autocomp.hardware.measure import LocalMeasurer
+    from autocomp.hardware.measure.local import LocalMeasurer
 
     real_measure = LocalMeasurer.measure
     calls = {"n": 0}

@@ -7,14 +7,15 @@ import optuna
 import pytest
 import torch
 
-from autocomp.data import DataSplits, calibration_loader
-from autocomp.inventory import build_inventory
-from autocomp.methods import METHODS
-from autocomp.models import build_model
-from autocomp.plan import CompressionPlan
+from autocomp.core.inventory import build_inventory
+from autocomp.intake.data import DataSplits, calibration_loader
+from autocomp.intake.models import build_model
+from autocomp.methods.plan import CompressionPlan
+from autocomp.methods.registry import METHODS
 from autocomp.search import sensitivity as sens
 from autocomp.search.sensitivity import Sensitivity, measure_sensitivity
-from autocomp.search.space import KEEP, Range, load_space
+from autocomp.search.space.loading import load_space
+from autocomp.search.space.sampling import KEEP, Range
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autocomp.errors import AutocompError
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import Inventory, build_inventory
 from autocomp.hardware.profiles import load_profile
-from autocomp.inventory import Inventory, build_inventory
-from autocomp.models import build_model
-from autocomp.search.space import COMBINE, KEEP, SearchSpace, available_spaces, load_space
+from autocomp.intake.models import build_model
+from autocomp.search.space.loading import available_spaces, load_space
+from autocomp.search.space.sampling import COMBINE, KEEP, SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -5,15 +5,15 @@ import torch
 from helpers import make_plan
 from torch import nn
 
-from autocomp.compress import apply_plan, size_bytes
-from autocomp.data import DataSplits, take
-from autocomp.distill import FinetuneConfig, finetune
-from autocomp.errors import AutocompError
-from autocomp.hardware.lower import compile_model
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import build_inventory
+from autocomp.hardware.compile.lower import compile_model
 from autocomp.hardware.profiles import load_profile
-from autocomp.inventory import build_inventory
-from autocomp.methods import ApplyContext
+from autocomp.intake.data import DataSplits, take
+from autocomp.intake.models import build_model
+from autocomp.methods.apply import apply_plan, size_bytes
 from autocomp.methods.prune import kept_channels
+from autocomp.methods.registry import ApplyContext
 from autocomp.methods.sparsity import (
     LATENCY_NOTE,
     SPARSE_KERNEL_TARGETS,
@@ -25,7 +25,8 @@ from autocomp.methods.sparsity import (
     magnitude_mask,
     sparsify,
 )
-from autocomp.models import build_model
+from autocomp.training.config import FinetuneConfig
+from autocomp.training.distill import finetune
 
 SHAPE = (1, 1, 28, 28)
 

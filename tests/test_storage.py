@@ -18,7 +18,7 @@ import optuna
 import pytest
 from postgres_server import postgres_url, study_name
 
-from autocomp.errors import AutocompError
+from autocomp.core.errors import AutocompError
 from autocomp.search.storage import describe_storage, open_storage
 from autocomp.search.workers import SURPLUS, run_trials
 

@@ -9,11 +9,11 @@ from helpers import make_plan, relative_error, seeded_model
 from torch import nn
 
 import autocomp.methods.substitute as substitute_module
-from autocomp.compress import apply_plan, count_params
-from autocomp.data import DataSplits, make_loader, take
-from autocomp.errors import AutocompError
-from autocomp.inventory import LayerInfo, build_inventory
-from autocomp.methods import config_from_json
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import LayerInfo, build_inventory
+from autocomp.intake.data import DataSplits, make_loader, take
+from autocomp.methods.apply import apply_plan, count_params
+from autocomp.methods.registry import config_from_json
 from autocomp.methods.substitute import ChannelShuffle, SubstituteConfig, collect_stats, substitute
 
 SHAPE = (1, 1, 28, 28)
@@ -230,7 +230,7 @@ def test_compiled_substituted_model_matches_pytorch(mobilenet, calib, tmp_path: 
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from autocomp.hardware.lower import compile_model, export_library
+    from autocomp.hardware.compile.lower import compile_model, export_library
     from autocomp.hardware.profiles import load_profile
 
     model, inv = mobilenet

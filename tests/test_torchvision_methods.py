@@ -6,12 +6,13 @@ import copy
 import pytest
 import torch
 
-from autocomp.compress import apply_plan, count_params, size_bytes
-from autocomp.data import make_loader
-from autocomp.distill import FinetuneConfig, finetune
-from autocomp.inventory import build_inventory
-from autocomp.models import build_model
-from autocomp.plan import CompressionPlan
+from autocomp.core.inventory import build_inventory
+from autocomp.intake.data import make_loader
+from autocomp.intake.models import build_model
+from autocomp.methods.apply import apply_plan, count_params, size_bytes
+from autocomp.methods.plan import CompressionPlan
+from autocomp.training.config import FinetuneConfig
+from autocomp.training.distill import finetune
 
 SHAPE = (1, 3, 64, 64)
 CHOICES = [

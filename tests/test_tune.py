@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from autocomp.hardware import tune
-from autocomp.hardware.lower import to_relax
+from autocomp.hardware.compile import tune
+from autocomp.hardware.compile.lower import to_relax
 from autocomp.hardware.profiles import HardwareProfile, load_profile
 
 SHAPE = (1, 1, 12, 12)
@@ -48,7 +48,7 @@ def host(trials: int = TRIALS, tuning: str = "metaschedule") -> HardwareProfile:
 def report_in_new_process(name: str, cache: Path) -> dict:
     """Tune model ``name`` in a fresh Python process; returns its TuningReport."""
     code = (f"import sys, json, dataclasses; sys.path.insert(0, {str(TESTS)!r})\n"
-            "import test_tune as t\nfrom autocomp.hardware import tune\n"
+            "import test_tune as t\nfrom autocomp.hardware.compile import tune\n"
             f"report = tune.tune(t.to_relax(t.model_{name}(), t.SHAPE), t.host())\n"
             "print(json.dumps(dataclasses.asdict(report)))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,

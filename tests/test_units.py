@@ -1,7 +1,7 @@
 import pytest
 
-from autocomp.errors import AutocompError
-from autocomp.units import parse_budget, parse_bytes, parse_shape
+from autocomp.core.errors import AutocompError
+from autocomp.core.units import parse_budget, parse_bytes, parse_shape
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

@@ -1,1 +1,2 @@
-"""Hardware side: target profiles, lowering to TVM, and latency measurement."""
+"""Hardware side: target profiles, compiling with TVM, measuring and estimating latency, the
+MCU memory model, and the deployable artefacts."""

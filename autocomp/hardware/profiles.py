@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from autocomp.errors import AutocompError
-from autocomp.paths import bundled_dir, cache_dir
-from autocomp.units import parse_bytes
-from autocomp.yaml_files import Checker, read_yaml, yaml_float
+from autocomp.core.errors import AutocompError
+from autocomp.core.paths import bundled_dir, cache_dir
+from autocomp.core.units import parse_bytes
+from autocomp.core.yaml_checks import Checker, read_yaml, yaml_float
 
 LATENCY_METHODS = ("local", "rpc", "estimate")
 DEVICES = ("cpu", "cuda")
@@ -278,4 +278,3 @@ def _cost_model(data: Any, check: Checker) -> CostModelSettings:
         values[name] = float(check.number(yaml_float(item["value"]), f"{key}.value", 0, float("inf")))
         sources[name] = str(item["source"])
     return CostModelSettings(str(raw["version"]), str(raw["fitted_to"]), values, sources)
-

@@ -1,98 +1,10 @@
-"""Compression methods: one config dataclass per technique and a handler registered for it.
+"""Compression methods, one module per family, each registering its config types and handlers
+in ``registry`` when imported; ``plan`` says which layer takes which, ``apply`` applies it.
 
-A plan maps layer names to configs; ``apply_plan`` runs each config type's
-handler over the layers that chose it, in the order of the configs' ``stage``
-(structural surgery such as pruning before per-layer rewrites). Stages:
-0 structural pruning, 1 factorisation or substitution, 2 fine-grained
-sparsity, 3 quantization.
+Importing any module of this package imports this one first, so every method is registered
+before a plan is parsed.
 """
 
-import importlib
-import pkgutil
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from autocomp.methods import lowrank, prune, quant, sparsity, substitute
 
-import torch
-from torch import nn
-
-from autocomp.inventory import Inventory, LayerInfo
-
-
-@dataclass
-class ApplyContext:
-    """What handlers may need besides the model: the inventory, an example input, the
-    channel multiple pruning rounds to, and calibration batches of (images, labels)."""
-
-    inventory: Inventory
-    example: torch.Tensor
-    channel_multiple: int = 1
-    calib: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """Base of every method's config; subclasses are frozen dataclasses."""
-
-    method: ClassVar[str]
-    stage: ClassVar[int]
-
-    def check(self) -> None:
-        """Raise ``ValueError`` naming the parameter when a value is out of range."""
-
-    @classmethod
-    def ineligible(cls, layer: LayerInfo) -> str | None:
-        """Why this method (with any parameters) cannot apply to ``layer``, or None when it can."""
-        return None
-
-    def unfit(self, layer: LayerInfo) -> str | None:
-        """Why this config, with its parameters, cannot apply to ``layer``, or None when it can."""
-        return type(self).ineligible(layer)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, **asdict(self)}
-
-
-Handler = Callable[[nn.Module, dict[str, Any], ApplyContext], None]
-METHODS: dict[str, type[MethodConfig]] = {}
-HANDLERS: dict[type[MethodConfig], Handler] = {}
-
-
-def register_method(config_cls: type[MethodConfig]) -> Callable[[Handler], Handler]:
-    """Register ``config_cls`` under its method name and the decorated function as its handler."""
-
-    def decorate(handler: Handler) -> Handler:
-        METHODS[config_cls.method] = config_cls
-        HANDLERS[config_cls] = handler
-        return handler
-
-    return decorate
-
-
-def config_from_json(data: dict[str, Any]) -> MethodConfig:
-    """Build a method config from its JSON form; ``ValueError`` names what is wrong."""
-    if not isinstance(data, dict) or "method" not in data:
-        raise ValueError("a layer choice needs a 'method'")
-    method = data["method"]
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
-    cls = METHODS[method]
-    known = {f.name for f in fields(cls)}
-    extra = sorted(set(data) - known - {"method"})
-    if extra:
-        raise ValueError(f"method {method!r} has no parameter {extra[0]!r}")
-    try:
-        config = cls(**{k: v for k, v in data.items() if k != "method"})
-    except TypeError as err:
-        raise ValueError(f"method {method!r}: {err}") from None
-    config.check()
-    return config
-
-
-def _register_all() -> None:
-    """Import every module of this package: each registers its methods when imported."""
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-
-
-_register_all()
+FAMILIES = (lowrank, prune, quant, sparsity, substitute)

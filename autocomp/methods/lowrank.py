@@ -32,9 +32,9 @@ import torch
 from tensorly.decomposition import parafac, partial_tucker, tensor_train_matrix
 from torch import nn
 
-from autocomp.errors import AutocompError
-from autocomp.inventory import LayerInfo
-from autocomp.methods import ApplyContext, MethodConfig, register_method
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import LayerInfo
+from autocomp.methods.registry import ApplyContext, MethodConfig, Stage, register_method
 
 KINDS = ("svd", "tucker2", "cp", "tt")
 CP_ITERATIONS = 25  # ALS sweeps; parafac stops earlier once the error changes by < 1e-8
@@ -56,14 +56,14 @@ class LowRankConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "lowrank"
-    stage: ClassVar[int] = 1
+    stage: ClassVar[Stage] = Stage.FACTORISE
     rank: float | None = None
     kind: str = "svd"
     rank_out: float | None = None
     energy: float | None = None
     cores: int | None = None
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"lowrank kind {self.kind!r} is not known (known: {', '.join(KINDS)})")
         for name in ("rank", "rank_out", "energy"):

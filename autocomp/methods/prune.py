@@ -4,7 +4,7 @@ torch-pruning's dependency graph finds every layer tied to a pruned channel
 (residual adds, concatenation, depthwise convs, batch norms) and slices them all,
 so the result is a real, smaller, valid network. Where torch-pruning cannot map a
 model's channel splits or shuffles (ShuffleNet), only the groups whose channels
-never reach one are offered (see ``autocomp.inventory.prune_graph``).
+never reach one are offered (see ``autocomp.core.graph.prune_graph``).
 
 Which channels go is decided per coupled group by a criterion, all computed by
 torch-pruning's importance classes over every layer of the group:
@@ -14,7 +14,7 @@ torch-pruning's importance classes over every layer of the group:
   2017, extended to the group);
 - ``bn_scale``: |gamma| of the group's BatchNorms (network slimming, Liu et al.,
   ICCV 2017), meaningful after training with an L1 penalty on gamma
-  (``autocomp.regularizers``);
+  (``autocomp.training.regularizers``);
 - ``taylor``: first-order Taylor, sum of |w * dL/dw| over the channel's conv and
   linear weights in the group (Molchanov et al., CVPR 2019), with L the
   cross-entropy on the calibration batches.
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from autocomp.errors import AutocompError
-from autocomp.inventory import LayerInfo
-from autocomp.methods import ApplyContext, MethodConfig, register_method
-from autocomp.prune_graph import prune_graph
+from autocomp.core.errors import AutocompError
+from autocomp.core.graph import prune_graph
+from autocomp.core.inventory import LayerInfo
+from autocomp.methods.registry import ApplyContext, MethodConfig, Stage, register_method
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -44,11 +44,11 @@ class PruneConfig(MethodConfig):
     by ``criterion`` (one of ``CRITERIA``)."""
 
     method: ClassVar[str] = "prune"
-    stage: ClassVar[int] = 0
+    stage: ClassVar[Stage] = Stage.PRUNE
     ratio: float
     criterion: str = "l1"
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise ValueError(f"prune ratio {self.ratio} is outside (0, 1)")
         if self.criterion not in CRITERIA:

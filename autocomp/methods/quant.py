@@ -20,18 +20,18 @@ The replacement modules subclass the float Conv1d/Conv2d/Linear (so inventories 
 export still see a conv or linear layer). They keep the float weight, which training
 updates, plus the integer weights and scales derived from it, and compute in float with
 the quantized values (fake quantization). In training the rounding passes gradients
-straight through (STE), so ``autocomp.distill.finetune`` is quantization-aware
+straight through (STE), so ``autocomp.training.distill.finetune`` is quantization-aware
 training; with ``admm_rho > 0`` it is ADMM training instead (the float weights are
 pulled towards the grid by a penalty whose target G and dual U are updated every
 ``ADMM_INTERVAL`` steps, and projected onto the grid when training ends).
 ``integer_form()`` gives what an integer kernel needs (``IntegerLayer``).
 
-Latency: TVM has no quantized operators, so ``autocomp.hardware.int8`` lowers these
+Latency: TVM has no quantized operators, so ``autocomp.hardware.compile.int8`` lowers these
 layers itself. With integer activations (``a_bits`` 8 or 4) a layer compiles to a
 uint8 x int8 -> int32 conv or matmul, requantized per output channel, with a batch norm
 that follows it folded into that scale; weights of fewer bits compute as int8 and are
 packed only in storage (``storage_bytes``). Weight-only layers compile as float layers
-holding the dequantized weights. ``autocomp.hardware.int8.lowering_report`` says which
+holding the dequantized weights. ``autocomp.hardware.compile.int8.lowering_report`` says which
 happened to each layer.
 """
 
@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autocomp.errors import AutocompError
-from autocomp.inventory import LayerInfo
-from autocomp.methods import ApplyContext, MethodConfig, register_method
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import LayerInfo
+from autocomp.methods.registry import ApplyContext, MethodConfig, Stage, register_method
 
 WEIGHT_BITS = (8, 4, 2)
 ACT_BITS = (8, 4)
@@ -74,7 +74,7 @@ class LowBitConfig(MethodConfig, ABC):
     ``admm_rho > 0`` makes fine-tuning ADMM training with that penalty weight.
     """
 
-    stage: ClassVar[int] = 3
+    stage: ClassVar[Stage] = Stage.QUANTIZE
     a_bits: int | None = None
     calibration: str = "minmax"
     percentile: float = 99.99
@@ -90,7 +90,7 @@ class LowBitConfig(MethodConfig, ABC):
         """The nearest point of the grid: integers q (float, shaped like ``weight``) and the
         per-output-channel scales, so that ``weight ≈ q * scale[c]``."""
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.a_bits is not None and (type(self.a_bits) is not int or self.a_bits not in ACT_BITS):
             raise ValueError(f"{self.method} a_bits {self.a_bits!r} is not one of 8, 4 or null")
         if self.calibration not in CALIBRATIONS:
@@ -119,11 +119,11 @@ class QuantConfig(LowBitConfig):
     def weight_bits(self) -> int:
         return self.w_bits
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if type(self.w_bits) is not int or self.w_bits not in WEIGHT_BITS:
             raise ValueError(f"quant w_bits {self.w_bits!r} is not one of "
                              f"{', '.join(map(str, WEIGHT_BITS))}")
-        super().check()
+        super().__post_init__()
 
     def project(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         return integer_grid(weight, self.w_bits)
@@ -154,10 +154,10 @@ class TernaryConfig(LowBitConfig):
     def weight_bits(self) -> int:
         return 2
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if not _is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
             raise ValueError(f"ternary threshold {self.threshold!r} is outside (0, 1)")
-        super().check()
+        super().__post_init__()
 
     def project(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         return ternary_grid(weight, self.threshold)

@@ -21,8 +21,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from autocomp.errors import AutocompError
-from autocomp.methods import ApplyContext, MethodConfig, register_method
+from autocomp.core.errors import AutocompError
+from autocomp.methods.registry import ApplyContext, MethodConfig, Stage, register_method
 
 # TVM targets with a kernel that skips zero weights; none yet.
 SPARSE_KERNEL_TARGETS: frozenset[str] = frozenset()
@@ -36,10 +36,10 @@ class SparsityConfig(MethodConfig):
     """Set the ``sparsity`` fraction of the layer's weights, smallest magnitudes first, to zero."""
 
     method: ClassVar[str] = "sparsity"
-    stage: ClassVar[int] = 2
+    stage: ClassVar[Stage] = Stage.SPARSIFY
     sparsity: float
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if not 0.0 < self.sparsity < 1.0:
             raise ValueError(f"sparsity {self.sparsity} is outside (0, 1)")
 
@@ -84,10 +84,17 @@ class SparseLayer:
     weight: nn.Parameter
     latency_note: ClassVar[str] = LATENCY_NOTE
 
+    def penalty(self) -> torch.Tensor:
+        """No loss term of its own."""
+        return self.weight.new_zeros(())
+
     def after_step(self) -> None:
         """Zero the pruned weights again (an optimizer step may have moved them)."""
         with torch.no_grad():
             self.weight.mul_(self.mask)
+
+    def finish_training(self) -> None:
+        """Nothing to settle: the mask holds after every step."""
 
     @property
     def sparsity(self) -> float:

@@ -37,9 +37,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from autocomp.errors import AutocompError
-from autocomp.inventory import LayerInfo
-from autocomp.methods import ApplyContext, MethodConfig, register_method
+from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import LayerInfo
+from autocomp.methods.registry import ApplyContext, MethodConfig, Stage, register_method
 
 KINDS = ("dwsep", "shuffle")
 ALS_ROUNDS = 4  # alternating least-squares rounds for dwsep
@@ -53,11 +53,11 @@ class SubstituteConfig(MethodConfig):
     must divide the layer's input and output channels."""
 
     method: ClassVar[str] = "substitute"
-    stage: ClassVar[int] = 1
+    stage: ClassVar[Stage] = Stage.FACTORISE
     kind: str = "dwsep"
     groups: int | None = None
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"substitute kind {self.kind!r} is not known (known: {', '.join(KINDS)})")
         if self.kind == "dwsep" and self.groups is not None:

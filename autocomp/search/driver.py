@@ -1,31 +1,37 @@
 """Running a search: initialise or join the study, run trials with progress, report the front."""
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from tqdm import tqdm
 
-from autocomp.data import DataSplits, calibration_loader, take
-from autocomp.hardware.profiles import HardwareProfile, available_profiles
-from autocomp.inventory import Inventory, build_inventory
-from autocomp.search.final_front import FinalFront, finalise
-from autocomp.search.layer_shares import all_target_shares
+from autocomp.core.inventory import Inventory, build_inventory
+from autocomp.core.progress import Progress
+from autocomp.core.staging import write_json
+from autocomp.core.units import LatencyBudget, format_bytes, format_seconds, parse_budget, parse_bytes
+from autocomp.hardware.profiles import HardwareProfile, available_profiles, load_target
+from autocomp.intake.data import DataSplits, calibration_loader, load_data, take
+from autocomp.intake.source import ModelSource
+from autocomp.search.config import SearchConfig
+from autocomp.search.early_stop import DominatedPruner
 from autocomp.search.measurers import MeasurerPool
 from autocomp.search.objective import Budgets, TrialContext, TrialObjective
-from autocomp.search.pareto import TrialResult, best_feasible, collect
-from autocomp.search.pruning import DominatedPruner
-from autocomp.search.run import RunSettings, save_settings
+from autocomp.search.results.final_front import FinalFront, finalise
+from autocomp.search.results.layer_shares import all_target_shares
+from autocomp.search.results.pareto import TrialResult, best_feasible, collect
 from autocomp.search.sensitivity import Sensitivity, measure_sensitivity
-from autocomp.search.space import SearchSpace
-from autocomp.search.storage import describe_storage
+from autocomp.search.settings import RunSettings, check_name, save_settings, with_memory_limits
+from autocomp.search.space.loading import load_space
+from autocomp.search.space.sampling import SearchSpace
+from autocomp.search.storage import describe_storage, open_storage
 from autocomp.search.study import adopt, create_study, open_study, shared_settings_json, shared_state
 from autocomp.search.workers import run_trials
-from autocomp.train import evaluate
-from autocomp.units import LatencyBudget, format_bytes, format_seconds
+from autocomp.training.baseline import cached_baseline
+from autocomp.training.train import evaluate
+
+logger = logging.getLogger(__name__)
 
 # Validation images each sensitivity measurement is scored on.
 SENSITIVITY_IMAGES = 1000
@@ -40,6 +46,7 @@ class SearchOutcome:
     """What a finished search produced."""
 
     run_dir: Path
+    settings: RunSettings
     results: list[TrialResult]
     final: FinalFront
 
@@ -48,114 +55,142 @@ class SearchOutcome:
         return best_feasible(self.results)
 
 
-def run_search(settings: RunSettings, runs_root: Path, data: DataSplits, profile: HardwareProfile,
-               space: SearchSpace, budget: LatencyBudget | None, size_budget: int | None,
-               log=print) -> SearchOutcome:
+def run_search(config: SearchConfig) -> SearchOutcome:
+    """Run (or resume) the search ``config`` asks for: the baseline trained when no weights
+    are given, then the trials, the final front re-measured, and the run folder's reports.
+    Progress is logged (``autocomp.core.progress`` draws bars when asked to)."""
+    budget = parse_budget(config.budget) if config.budget else None
+    size_budget = parse_bytes(config.size) if config.size else None
+    profile = with_memory_limits(load_target(config.target, untuned=config.untuned), config.sram,
+                                 config.flash)
+    space = load_space(config.space or ("default" if config.finetune else "data-free"))
+    if config.finetune_steps:
+        space = space.with_finetune(steps=config.finetune_steps)
+    name = check_name(config.run_name)
+    if config.storage:
+        open_storage(config.storage, config.runs_dir / name)  # fail fast on a bad URL
+    data = load_data(config.data, image_size=config.image_size)
+    weights = str(Path(config.weights).resolve()) if config.weights else None
+    source = ModelSource(config.model, config.num_classes or data.num_classes, data.sample_shape[0],
+                         data.sample_shape[-1], config.adapt_stem, weights)
+    source.build()  # fail fast on a bad spec or weights, before anything is written
+    limits = ", ".join(f"{what} {value}" for what, value in (
+        ("latency", config.budget), ("size", config.size), ("SRAM", config.sram), ("flash", config.flash))
+        if value)
+    logger.info("search: compressing %s on %s for target %s, budgets: %s, %d trials, space %s, sampler %s%s; "
+                "latency %s", config.model, config.data, profile.name, limits or "none", config.trials,
+                space.name, config.sampler, "" if config.finetune else ", data-free (no fine-tuning)",
+                profile.how())
+    if source.weights is None:
+        source, _ = cached_baseline(source, data, config.baseline_epochs)
+    settings = RunSettings(name, source, config.data, profile.name, space.name,
+                           budget.text if budget else None, config.trials, config.seed, config.train_subset,
+                           config.val_subset, untuned=config.untuned, sampler=config.sampler,
+                           storage=config.storage, size_budget=config.size, sram=config.sram,
+                           flash=config.flash, finetune=config.finetune, sensitivity=config.sensitivity,
+                           warm_start=config.warm_start, latency_table=config.latency_table)
+    return run_study(settings, config.runs_dir, data, profile, space, budget, size_budget)
+
+
+def run_study(settings: RunSettings, runs_root: Path, data: DataSplits, profile: HardwareProfile,
+               space: SearchSpace, budget: LatencyBudget | None,
+               size_budget: int | None) -> SearchOutcome:
     """Run the search described by ``settings``: create its study or join (resume) it, then
-    finish ``settings.trials`` trials together with any other workers, and report."""
-    # Failed trials are reported on the progress bar with their reason; Optuna's own
-    # log lines would repeat them as tracebacks.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    logging.getLogger("optuna").setLevel(logging.CRITICAL)
+    finish ``settings.trials`` trials together with any other workers, and report. Each
+    phase and each trial is logged as one line."""
     run_dir = runs_root / settings.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    log(f"study: {describe_storage(settings.storage, run_dir)}")
+    logger.info("study: %s", describe_storage(settings.storage, run_dir))
     teacher = settings.model.build()
     inventory = build_inventory(teacher, settings.input_shape)
-    measurers = MeasurerPool(profile, say=log, check_table=settings.latency_table)
+    measurers = MeasurerPool(profile, check_table=settings.latency_table)
     val = take(data.val, settings.val_subset, settings.seed)
     calib = calibration_loader(data.train, seed=settings.seed)
     try:
         shared = shared_state(settings, run_dir)
         if shared is None:
-            settings.baseline = _measure_baseline(teacher, data, val, measurers, settings, budget, log)
-            sensitivity = (_sensitivity(teacher, inventory, space, val, calib, profile, settings, log)
+            settings.baseline = _measure_baseline(teacher, data, val, measurers, settings, budget)
+            sensitivity = (_sensitivity(teacher, inventory, space, val, calib, profile, settings)
                            if settings.sensitivity else None)
             shared = {"settings": shared_settings_json(settings),
                       "sensitivity": sensitivity.to_json() if sensitivity else None}
             study, created = create_study(settings, run_dir, shared)
             if not created:
-                log("study: another worker created it first; joining it with its baseline")
+                logger.info("study: another worker created it first; joining it with its baseline")
                 shared = dict(study.user_attrs)
         else:
             study, created = open_study(run_dir, settings), False
         adopt(settings, shared)
         sensitivity = Sensitivity.from_json(shared["sensitivity"]) if shared.get("sensitivity") else None
         if not created:
-            _log_baseline(settings, log)
+            _log_baseline(settings)
         save_settings(run_dir, settings)
         if sensitivity is not None:
-            (run_dir / "sensitivity.json").write_text(json.dumps(sensitivity.to_json(), indent=2) + "\n")
+            write_json(run_dir / "sensitivity.json", sensitivity.to_json())
             excluded = sensitivity.excluded()
             space = space.narrowed(excluded)
             dropped = sum(len(methods) for methods in excluded.values())
             if dropped:
-                log(f"sensitivity: {dropped} layer/method choices ruled out before the search "
-                    f"({', '.join(f'{layer}: {sorted(m)}' for layer, m in excluded.items() if m)})")
+                logger.info("sensitivity: %d layer/method choices ruled out before the search (%s)", dropped,
+                            ", ".join(f"{layer}: {sorted(m)}" for layer, m in excluded.items() if m))
         if created and settings.warm_start:
-            _enqueue_warm_start(study, space, inventory, sensitivity, profile, log)
-        _write_layer_shares(teacher, settings, run_dir, log)
+            _enqueue_warm_start(study, space, inventory, sensitivity, profile)
+        _write_layer_shares(teacher, settings, run_dir)
 
         budgets = Budgets(settings.baseline.get("budget_s"), size_budget)
-        ctx = TrialContext(teacher, inventory, space, measurers,
-                           take(data.train, settings.train_subset, settings.seed), val, budgets, run_dir,
-                           calib, settings.seed, settings.finetune,
-                           DominatedPruner() if settings.finetune else None)
-        _optimise(study, TrialObjective(ctx), settings.trials, log)
+        ctx = TrialContext(teacher=teacher, inventory=inventory, space=space, measurers=measurers,
+                           train=take(data.train, settings.train_subset, settings.seed), val=val,
+                           budgets=budgets, run_dir=run_dir, calib=calib, seed=settings.seed,
+                           finetune=settings.finetune,
+                           pruner=DominatedPruner() if settings.finetune else None)
+        _optimise(study, TrialObjective(ctx), settings.trials)
         for table in measurers.tables():
             rows = table.records(f"{settings.name}/")
             if rows:
-                log(f"latency table: predictions vs end-to-end measurements over "
-                    f"{table.error_summary(f'{settings.name}/').describe()}")
+                logger.info("latency table: predictions vs end-to-end measurements over %s",
+                            table.error_summary(f"{settings.name}/").describe())
         results = collect(study)
-        final = finalise(study, results, settings, run_dir, data, measurers, log)
+        final = finalise(study, results, settings, run_dir, data, measurers)
     finally:
         measurers.close()
-    return SearchOutcome(run_dir, results, final)
+    return SearchOutcome(run_dir, settings, results, final)
 
 
 def _measure_baseline(teacher, data: DataSplits, val, measurers: MeasurerPool, settings: RunSettings,
-                      budget: LatencyBudget | None, log) -> dict:
-    log(f"baseline: measuring the uncompressed model on {settings.target} ...")
+                      budget: LatencyBudget | None) -> dict:
+    logger.info("baseline: measuring the uncompressed model on %s ...", settings.target)
     latency = measurers.get({})[1].measure(teacher, settings.input_shape)
     baseline = {"val_acc": evaluate(teacher, val), "test_acc": evaluate(teacher, data.test),
                 "latency": latency.to_json(),
                 "budget_s": budget.resolve(latency.median_s) if budget else None}
     settings.baseline = baseline
-    _log_baseline(settings, log)
+    _log_baseline(settings)
     return baseline
 
 
-def _log_baseline(settings: RunSettings, log) -> None:
+def _log_baseline(settings: RunSettings) -> None:
     base = settings.baseline
-    log(f"baseline: val {base['val_acc']:.2%}, test {base['test_acc']:.2%} (reported only), latency "
-        f"{format_seconds(base['latency']['median_s'])} {base['latency']['provenance']}")
+    logger.info("baseline: val %.2f%%, test %.2f%% (reported only), latency %s %s", 100 * base["val_acc"],
+                100 * base["test_acc"], format_seconds(base["latency"]["median_s"]),
+                base["latency"]["provenance"])
     if base.get("budget_s") is not None:
-        log(f"budget: latency <= {format_seconds(base['budget_s'])} ({settings.budget})")
+        logger.info("budget: latency <= %s (%s)", format_seconds(base["budget_s"]), settings.budget)
 
 
 def _sensitivity(teacher, inventory: Inventory, space: SearchSpace, val, calib, profile: HardwareProfile,
-                 settings: RunSettings, log) -> Sensitivity:
-    bar = tqdm(desc="sensitivity", unit="eval", leave=False)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
+                 settings: RunSettings) -> Sensitivity:
+    with Progress("sensitivity", unit="eval", log_end=False) as bar:
         result = measure_sensitivity(teacher, inventory, space, val, calib,
                                      channel_multiple=profile.channel_multiple,
-                                     images=SENSITIVITY_IMAGES, seed=settings.seed, progress=progress)
-    finally:
-        bar.close()
-    log(f"sensitivity: {len(result.rows)} single-layer compressions scored without fine-tuning on "
-        f"{result.images} validation images in {result.seconds:.0f} s")
+                                     images=SENSITIVITY_IMAGES, seed=settings.seed,
+                                     progress=lambda done, total: bar.moveto(done, total))
+    logger.info("sensitivity: %d single-layer compressions scored without fine-tuning on %d validation "
+                "images in %.0f s", len(result.rows), result.images, result.seconds)
     return result
 
 
 def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, inventory: Inventory,
-                        sensitivity: Sensitivity | None, profile: HardwareProfile, log) -> None:
+                        sensitivity: Sensitivity | None, profile: HardwareProfile) -> None:
     """The uncompressed model and the uniform baselines first, so the front is never worse
     than the obvious choices; then the plans the sensitivity pre-pass suggests. They run
     with every thread the target has."""
@@ -165,10 +200,10 @@ def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, inventory: Inve
     deploy = {f"deploy.{knob}": max(choices) for knob, choices in space.deploy_knobs(profile).items()}
     for label, params in seeds:
         study.enqueue_trial({**params, **deploy}, user_attrs={"label": label}, skip_if_exists=True)
-    log(f"warm start: {', '.join(label for label, _ in seeds)}")
+    logger.info("warm start: %s", ", ".join(label for label, _ in seeds))
 
 
-def _write_layer_shares(teacher, settings: RunSettings, run_dir: Path, log) -> None:
+def _write_layer_shares(teacher, settings: RunSettings, run_dir: Path) -> None:
     """Each layer's share of the uncompressed model's latency on every bundled target: why
     the same search ends in different plans on different targets."""
     path = run_dir / "layer_shares.json"
@@ -178,48 +213,48 @@ def _write_layer_shares(teacher, settings: RunSettings, run_dir: Path, log) -> N
     try:
         shares = all_target_shares(teacher, settings.input_shape, targets)
     except Exception as err:  # a report figure; the search does not depend on it
-        log(f"layer shares: not computed ({type(err).__name__}: {str(err).strip()[:120]})")
+        logger.info("layer shares: not computed (%s: %s)", type(err).__name__, str(err).strip()[:120])
         return
-    path.write_text(json.dumps(shares, indent=2) + "\n")
+    write_json(path, shares)
 
 
-def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int, log) -> None:
-    """Finish ``wanted`` trials in the study (counting other workers'), with a progress bar."""
+def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int) -> None:
+    """Finish ``wanted`` trials in the study (counting other workers'): a progress phase, and a
+    log line per trial."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=states))
     if done >= wanted:
-        log(f"search: {done} trials already finished (asked for {wanted}); reporting")
+        logger.info("search: %d trials already finished (asked for %d); reporting", done, wanted)
         return
     if done:
-        log(f"search: resuming with {done} finished trials")
-    bar = tqdm(total=wanted, initial=done, desc="search", unit="trial")
+        logger.info("search: resuming with %d finished trials", done)
+    bar = Progress("search", total=wanted, initial=done, unit="trial", log_end=False)
 
     def on_finish(trial: optuna.trial.FrozenTrial, seconds: float) -> None:
-        bar.n = min(wanted, len(study.get_trials(deepcopy=False, states=states)))
+        bar.moveto(min(wanted, len(study.get_trials(deepcopy=False, states=states))))
         attrs = trial.user_attrs
         label = f" ({attrs['label']})" if attrs.get("label") else ""
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            bar.write(f"trial {trial.number:>3}{label}: val {attrs['val_acc']:.2%}  latency "
+            logger.info(f"trial {trial.number:>3}{label}: val {attrs['val_acc']:.2%}  latency "
                       f"{format_seconds(attrs['latency']['median_s'])}  size "
                       f"{format_bytes(attrs['size_bytes'])}  "
                       f"{'within budget' if attrs['feasible'] else 'over budget'}  "
                       f"[{attrs['plan_summary']}]  ({seconds:.0f} s)")
         elif trial.state == optuna.trial.TrialState.PRUNED:
-            bar.write(f"trial {trial.number:>3}{label}: stopped early: "
+            logger.info(f"trial {trial.number:>3}{label}: stopped early: "
                       f"{attrs.get('pruned_reason', 'hopeless')} ({seconds:.0f} s)")
         else:
-            bar.write(f"trial {trial.number:>3}{label}: failed: "
+            logger.info(f"trial {trial.number:>3}{label}: failed: "
                       f"{attrs.get('fail_reason', 'unknown reason')}")
         best = best_feasible(collect(study))
         if best is not None:
-            bar.set_postfix_str(f"best within budget: #{best.number} {best.val_acc:.2%} "
-                                f"@ {format_seconds(best.latency_s)}")
-        bar.refresh()
+            bar.set_status(f"best within budget: #{best.number} {best.val_acc:.2%} "
+                           f"@ {format_seconds(best.latency_s)}")
 
     start = time.perf_counter()
     try:
         run_trials(study, objective, wanted, on_finish=on_finish, heartbeat_s=HEARTBEAT_S,
-                   grace_s=GRACE_S, log=bar.write)
+                   grace_s=GRACE_S)
     finally:
         bar.close()
-    log(f"search: {wanted} trials finished in {time.perf_counter() - start:.0f} s")
+    logger.info("search: %d trials finished in %.0f s", wanted, time.perf_counter() - start)

@@ -2,8 +2,10 @@
 
 from dataclasses import replace
 
-from autocomp.hardware.lut import LatencyTable
-from autocomp.hardware.measure import LocalMeasurer, Measurer, make_measurer
+from autocomp.hardware.costmodel.lut import LatencyTable
+from autocomp.hardware.measure.base import Measurer
+from autocomp.hardware.measure.local import LocalMeasurer
+from autocomp.hardware.oracle import make_measurer
 from autocomp.hardware.profiles import HardwareProfile
 
 
@@ -13,9 +15,8 @@ class MeasurerPool:
     machine, whose prediction is then recorded next to each measurement (each new kernel
     is compiled and timed alone once, which costs seconds per trial on a fresh cache)."""
 
-    def __init__(self, profile: HardwareProfile, say=print, *, check_table: bool = False) -> None:
+    def __init__(self, profile: HardwareProfile, *, check_table: bool = False) -> None:
         self.profile = profile
-        self.say = say
         self.check_table = check_table
         self._pool: dict[int, tuple[HardwareProfile, Measurer, LatencyTable | None]] = {}
 
@@ -26,7 +27,7 @@ class MeasurerPool:
             profile = self.profile
             if threads != profile.latency.threads:
                 profile = replace(profile, latency=replace(profile.latency, threads=threads))
-            measurer = make_measurer(profile, say=self.say)
+            measurer = make_measurer(profile)
             # The table's predictions are checked at the profile's own thread count only:
             # each other setting would time every kernel again.
             table = (LatencyTable(profile) if self.check_table and isinstance(measurer, LocalMeasurer)

@@ -1,7 +1,6 @@
 """One trial: sample a plan, compress, measure latency and memory, fine-tune with distillation
 (stopped early when hopeless), score."""
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -11,17 +10,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autocomp.compress import apply_plan, count_params, size_bytes
-from autocomp.data import take
-from autocomp.distill import finetune
-from autocomp.hardware.lut import LatencyTable
-from autocomp.hardware.mcu_memory import device_memory
-from autocomp.hardware.measure import Latency
-from autocomp.inventory import Inventory, build_inventory
+from autocomp.core.inventory import Inventory, build_inventory
+from autocomp.core.staging import write_json
+from autocomp.hardware.costmodel.lut import LatencyTable
+from autocomp.hardware.mcu.memory import device_memory
+from autocomp.hardware.measure.base import Latency
+from autocomp.intake.data import take
+from autocomp.methods.apply import apply_plan, count_params, size_bytes
+from autocomp.search.early_stop import Checkpoints, DominatedPruner
 from autocomp.search.measurers import MeasurerPool
-from autocomp.search.pruning import Checkpoints, DominatedPruner
-from autocomp.search.space import SearchSpace
-from autocomp.train import evaluate
+from autocomp.search.space.sampling import SearchSpace
+from autocomp.training.distill import finetune
+from autocomp.training.train import evaluate
 
 # Measured trials after which the latency table's in-model correction (VM overhead per
 # kernel call, cache effects) is fitted, once per target; later predictions use it.
@@ -38,7 +38,7 @@ class Budgets:
     size_bytes: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class TrialContext:
     """What every trial of one search shares."""
 
@@ -70,14 +70,14 @@ class TrialObjective:
         try:
             return self._evaluate(trial, folder)
         except optuna.TrialPruned as err:
-            _write_json(folder / "metrics.json", {**self._known, "pruned": str(err)})
+            write_json(folder / "metrics.json", {**self._known, "pruned": str(err)})
             raise
         except Exception as err:
             # Optuna records the failure but not why: keep the reason with the trial.
             text = str(err).strip()
             reason = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
             trial.set_user_attr("fail_reason", reason)
-            _write_json(folder / "metrics.json", {"trial": trial.number, "failed": reason})
+            write_json(folder / "metrics.json", {"trial": trial.number, "failed": reason})
             raise
 
     def _evaluate(self, trial: optuna.Trial, folder: Path) -> tuple[float, float, float]:
@@ -161,7 +161,7 @@ class TrialObjective:
         metrics.update(val_acc=accuracy, intermediate=trial.user_attrs.get("intermediate"),
                        timings=timings)
         torch.save(model.state_dict(), folder / "model.pt")
-        _write_json(folder / "metrics.json", metrics)
+        write_json(folder / "metrics.json", metrics)
         trial.set_user_attr("val_acc", accuracy)
         trial.set_user_attr("feasible", feasible)
         return accuracy, latency.median_s * 1e3, float(size)
@@ -199,9 +199,3 @@ def _predict_from_table(table: LatencyTable, model: nn.Module, shape: tuple[int,
             "error": prediction.latency.median_s / measured.median_s - 1,
             "kernels": prediction.kernels, "hits": prediction.hits,
             "provenance": prediction.latency.provenance}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    temporary.replace(path)

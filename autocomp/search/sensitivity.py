@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from autocomp.compress import apply_plan, size_bytes
-from autocomp.data import make_loader, take
-from autocomp.inventory import Inventory, LayerInfo
-from autocomp.plan import CompressionPlan
-from autocomp.search.space import KEEP, MethodSpace, Range, SearchSpace
-from autocomp.train import evaluate
+from autocomp.core.inventory import Inventory, LayerInfo
+from autocomp.intake.data import make_loader, take
+from autocomp.methods.apply import apply_plan, size_bytes
+from autocomp.methods.plan import CompressionPlan
+from autocomp.search.space.sampling import KEEP, MethodSpace, Range, SearchSpace
+from autocomp.training.train import evaluate
 
 FORMAT = 1
 STRENGTHS = ("mild", "strong")
@@ -360,7 +360,6 @@ def _score(teacher: nn.Module, inventory: Inventory, layer: str, variant: Method
     start = time.perf_counter()
     try:
         config = variant.config_cls(**values)
-        config.check()
         torch.manual_seed(seed)
         model = apply_plan(teacher, CompressionPlan({layer: config}), inventory,
                            channel_multiple=channel_multiple, calib=calib)

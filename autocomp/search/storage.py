@@ -11,7 +11,7 @@ import optuna
 import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
-from autocomp.errors import AutocompError
+from autocomp.core.errors import AutocompError
 
 JOURNAL_SUFFIXES = (".journal", ".log")
 USAGE = ("use postgresql://USER:PASSWORD@HOST/DB, mysql://USER:PASSWORD@HOST/DB, sqlite:///PATH, "

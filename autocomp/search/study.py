@@ -12,12 +12,12 @@ from pathlib import Path
 
 import optuna
 
-from autocomp.errors import AutocompError
-from autocomp.search.run import RunSettings, check_resumable
+from autocomp.core.errors import AutocompError
+from autocomp.search.config import SAMPLERS
+from autocomp.search.settings import RunSettings, check_resumable
 from autocomp.search.storage import open_storage
 
 DIRECTIONS = ["maximize", "minimize", "minimize"]  # val accuracy, latency ms, deployed bytes
-SAMPLERS = ("tpe", "nsga2", "random")
 # How long a joining worker waits for the creator to store the shared settings.
 SETTINGS_WAIT_S = 60.0
 

@@ -52,6 +52,7 @@ All workers must use this function (a plain ``study.optimize`` does not check sl
 """
 
 import gc
+import logging
 import random
 import signal
 import threading
@@ -64,7 +65,9 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from autocomp.errors import AutocompError
+from autocomp.core.errors import AutocompError
+
+logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT_KEY = "heartbeat"
@@ -79,8 +82,7 @@ OnFinish = Callable[[FrozenTrial, float], None]
 
 def run_trials(study: optuna.Study, objective: Objective, wanted: int, *,
                on_finish: OnFinish | None = None, heartbeat_s: float = 10, grace_s: float = 30,
-               max_failures: int | None = None, poll_s: float = 1.0,
-               log: Callable[[str], None] | None = None) -> None:
+               max_failures: int | None = None, poll_s: float = 1.0) -> None:
     """Run trials of ``study`` until ``wanted`` have finished (COMPLETE or PRUNED) in total,
     counting those of every worker sharing the study; see the module docstring.
 
@@ -89,13 +91,12 @@ def run_trials(study: optuna.Study, objective: Objective, wanted: int, *,
     on, until ``max_failures`` (default ``max(3, wanted)``) of this worker's trials have
     failed in a row: then AutocompError with the last reason. ``on_finish(trial,
     seconds)`` is called with each trial this worker ran, as stored (any state).
-    ``log`` receives one-line notes: stale trials failed, surplus trials, waiting.
+    One-line notes (stale trials failed, surplus trials, waiting) are logged.
     """
     if wanted < 1:
         raise ValueError("wanted must be at least 1")
     if not 0 < heartbeat_s < grace_s:
         raise ValueError("need 0 < heartbeat_s < grace_s")
-    say = log or (lambda _line: None)
     limit = max(3, wanted) if max_failures is None else max_failures
     stale = _StaleWatch(grace_s)
     failures = 0
@@ -104,21 +105,21 @@ def run_trials(study: optuna.Study, objective: Objective, wanted: int, *,
         while True:
             interrupts.check()
             with interrupts.deferred():
-                trials = stale.fail_stale(study, say)
+                trials = stale.fail_stale(study)
             finished = sum(t.state in FINISHED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if finished >= wanted:
                 return
             if finished + running >= wanted:
                 if not waiting:
-                    say(f"{finished} of {wanted} trials finished, {running} running elsewhere: "
-                        f"waiting for them (a lost one is failed after {grace_s:g} s without "
-                        f"a heartbeat)")
+                    logger.info("%d of %d trials finished, %d running elsewhere: waiting for them (a lost "
+                                "one is failed after %g s without a heartbeat)",
+                                finished, wanted, running, grace_s)
                 waiting = True
                 time.sleep(poll_s)
                 continue
             waiting = False
-            result = _run_one(study, objective, wanted, heartbeat_s, interrupts, say)
+            result = _run_one(study, objective, wanted, heartbeat_s, interrupts)
             if result is None:  # not run (surplus) or failed by another worker meanwhile
                 continue
             trial, seconds = result
@@ -135,7 +136,7 @@ def run_trials(study: optuna.Study, objective: Objective, wanted: int, *,
 
 
 def _run_one(study: optuna.Study, objective: Objective, wanted: int, heartbeat_s: float,
-             interrupts: "_Interrupts", say) -> tuple[FrozenTrial, float] | None:
+             interrupts: "_Interrupts") -> tuple[FrozenTrial, float] | None:
     """Ask, check the slot, run and tell one trial. None when the trial was not run or
     another worker failed it while it ran."""
     trial: optuna.Trial | None = None
@@ -150,7 +151,7 @@ def _run_one(study: optuna.Study, objective: Objective, wanted: int, heartbeat_s
                 beat.stop()
                 _fail(study, trial._trial_id, SURPLUS)
                 told = True
-            say(f"trial {trial.number}: not run, {SURPLUS}")
+            logger.info("trial %d: not run, %s", trial.number, SURPLUS)
             time.sleep(random.uniform(0.05, 0.3))  # do not race the same workers again at once
             return None
         start = time.perf_counter()
@@ -162,8 +163,8 @@ def _run_one(study: optuna.Study, objective: Objective, wanted: int, heartbeat_s
             told = True
         gc.collect()  # trials build models; do not let them pile up between trials
         if frozen is None:
-            say(f"trial {trial.number}: another worker failed it as lost while it ran "
-                f"(heartbeats late by more than the grace period); its result is discarded")
+            logger.info("trial %d: another worker failed it as lost while it ran (heartbeats late by "
+                        "more than the grace period); its result is discarded", trial.number)
             return None
         return frozen, seconds
     except KeyboardInterrupt:
@@ -285,7 +286,7 @@ class _StaleWatch:
         self.grace_s = grace_s
         self._unbeaten_since: dict[int, float] = {}  # trial id -> when first seen without a beat
 
-    def fail_stale(self, study: optuna.Study, say) -> list[FrozenTrial]:
+    def fail_stale(self, study: optuna.Study) -> list[FrozenTrial]:
         """The study's trials, after failing the stale ones."""
         trials = study.get_trials(deepcopy=False)
         lost = [(t, age) for t in trials if t.state == TrialState.RUNNING
@@ -293,7 +294,7 @@ class _StaleWatch:
         for trial, age in lost:
             reason = LOST.format(age=age)
             _fail(study, trial._trial_id, reason)
-            say(f"trial {trial.number}: failed, {reason}; its slot is free again")
+            logger.info("trial %d: failed, %s; its slot is free again", trial.number, reason)
         return study.get_trials(deepcopy=False) if lost else trials
 
     def _age(self, trial: FrozenTrial) -> float:

@@ -1,0 +1,55 @@
+"""What several commands share: the argparse parser class, the model and data options, and torch set-up."""
+
+import argparse
+from pathlib import Path
+
+from autocomp.core.errors import AutocompError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise AutocompError(f"{message} (see {self.prog} --help)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, model_required: bool) -> None:
+    from autocomp.intake.models import MODEL_SPEC_HELP
+
+    parser.add_argument("--model", required=model_required, help=MODEL_SPEC_HELP)
+    parser.add_argument("--weights", help="state dict to load (torch.load, weights_only=True)")
+    parser.add_argument("--num-classes", type=int,
+                        help="classifier outputs (default: the dataset's class count)")
+    parser.add_argument("--adapt-stem", action="store_true",
+                        help="fit a torchvision model's first conv to the data's channels and, "
+                             "for inputs <= 64 px, drop its early downsampling")
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    from autocomp.intake.data import DATA_SPEC_HELP
+
+    parser.add_argument("--data", required=required, help=DATA_SPEC_HELP)
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="side of the square images imagefolder data is resized to")
+
+
+def positive(value: int | None, option: str) -> None:
+    if value is not None and value <= 0:
+        raise AutocompError(f"{option} must be positive, not {value}")
+
+
+def model_source(args: argparse.Namespace, spec: str, data):
+    """The model named on the command line, shaped for ``data``, weights path made absolute."""
+    from autocomp.intake.source import ModelSource
+
+    weights = str(Path(args.weights).resolve()) if args.weights else None
+    return ModelSource(spec, args.num_classes or data.num_classes, data.sample_shape[0],
+                       data.sample_shape[-1], args.adapt_stem, weights)
+
+
+def setup_torch() -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)

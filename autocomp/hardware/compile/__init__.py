@@ -1,0 +1,1 @@
+"""PyTorch model -> TVM: lowering (integer layers included), MetaSchedule tuning, CUDA."""

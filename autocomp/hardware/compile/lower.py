@@ -1,0 +1,70 @@
+"""PyTorch model -> Relax IRModule -> compiled TVM module for a profile's target."""
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autocomp.core.errors import AutocompError
+from autocomp.core.graph import export_model
+from autocomp.hardware.profiles import HardwareProfile
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with each BatchNorm folded into the conv before it.
+
+    TVM does not fold batch norm by default and would run it as its own kernel.
+    FX's fuse matches exact layer types, so sparse layers (plain weights holding
+    zeros) are first turned back into plain layers. Models that FX cannot trace
+    are returned unfolded (still correct, slower).
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    from autocomp.methods.sparsity import densify
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fuse(densify(copy.deepcopy(model).eval()), inplace=True)
+    except Exception:
+        return model.eval()
+
+
+def to_relax(model: nn.Module, input_shape: tuple[int, ...]):
+    """Import the model into a Relax IRModule (weights embedded as constants).
+
+    Quantized layers with integer activations become uint8 x int8 -> int32 convs and
+    matmuls with requantization (``autocomp.hardware.compile.int8``); batch norms are folded.
+    """
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from autocomp.hardware.compile.int8 import CONVERT_MAP, integer_model
+
+    program = export_model(fold_batchnorm(integer_model(model).module), torch.zeros(*input_shape))
+    try:
+        return from_exported_program(program, custom_convert_map=CONVERT_MAP)
+    except Exception as err:
+        raise AutocompError(f"TVM cannot import the model: {type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+
+
+def compile_model(model: nn.Module, input_shape: tuple[int, ...], profile: HardwareProfile, *,
+                  untuned: bool = False):
+    """Compile ``model`` for the profile's target; returns a ``tvm.relax.Executable``.
+
+    Kernels are MetaSchedule-tuned through the target's persistent database
+    (``autocomp.hardware.compile.tune``), tuning only workloads it lacks. ``untuned`` (or the
+    profile's ``latency.tuning: untuned``) keeps plain ``tvm.compile``; callers label
+    the result with ``tune.tuning_label``.
+    """
+    from autocomp.hardware.compile.tune import compile_tuned
+
+    return compile_tuned(to_relax(model, input_shape), profile, untuned=untuned)
+
+
+def export_library(executable, path: Path) -> Path:
+    """Write the compiled module as a shared library loadable by the TVM runtime."""
+    executable.export_library(str(path))
+    return path

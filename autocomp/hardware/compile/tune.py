@@ -1,0 +1,452 @@
+"""MetaSchedule tuning with a persistent per-target database, used by every tuned compile.
+
+Untuned TVM gives CPU convolutions naive single-threaded loops (4-70x slower than
+PyTorch), so every compile goes through here. A model's fused kernels ("tasks",
+one per distinct workload: op, shapes, dtypes, layout) are looked up in the target's
+database (``tuning_dir(profile)``); only the ones missing are tuned, with
+``profile.latency.trials_per_task`` trials each, and their best schedule is added.
+A workload is never tuned twice, by later trials of a search or by later runs, so
+tuning cost grows with the number of distinct workloads, not with trials (raising
+``trials_per_task`` later does not retune workloads already in the database).
+
+Pipeline stages. ``lower_for_build`` returns the frontend's Relax module after
+library dispatch, ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``,
+``FuseOps``, ``FuseTIR`` (the stage tasks are extracted from, so database keys match)
+and ``MetaScheduleApplyDatabase``: each fused PrimFunc found in the database is
+replaced by its tuned schedule and carries the attribute ``tirx.is_scheduled``.
+``tvm.compile`` on that module only lowers it (legalization is then a no-op).
+
+Several processes (search workers) may share a database: reads take a shared
+``fcntl`` lock, merging new records takes an exclusive one, and one process tunes
+at a time (a second waits, then reuses what the first tuned), which also keeps
+two tuners from disturbing each other's timings on one machine.
+"""
+
+import fcntl
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from autocomp.core.errors import AutocompError
+from autocomp.core.paths import cache_dir
+from autocomp.core.progress import Progress
+from autocomp.hardware.profiles import HardwareProfile
+
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+_DB_LOCK = "database.lock"
+_TUNER_LOCK = "tuner.lock"
+_MODULE_EQUALITY = "structural"
+# Below this many trials per workload, candidates are sampled at random from the design
+# space (replay-trace): with one batch per workload the evolutionary search's cost model
+# has nothing to learn from yet, and its XGBoost updates and mutations cost 5-10 s a task.
+EVOLUTION_FROM = 16
+_SEED = 0
+
+logger = logging.getLogger(__name__)
+_last_report: "TuningReport | None" = None
+
+
+@dataclass(frozen=True)
+class TuningReport:
+    """What one tuning call did: tasks found, tuned now, reused, and the time it took."""
+
+    target_key: str
+    tasks_in_model: int
+    tasks_tuned: int
+    tasks_reused: int
+    seconds: float
+    trials_per_task: int
+    unscheduled: tuple[str, ...] = ()  # tasks whose every trial failed: they run untuned
+
+    def summary(self) -> str:
+        text = (f"{self.tasks_in_model} tuning tasks: {self.tasks_tuned} tuned now "
+                f"({self.trials_per_task} trials each, {self.seconds:.1f} s), "
+                f"{self.tasks_reused} reused from the {self.target_key} database")
+        if self.unscheduled:
+            text += f"; {len(self.unscheduled)} without a working schedule: {', '.join(self.unscheduled)}"
+        return text
+
+
+def last_report() -> "TuningReport | None":
+    """The report of the last tuning call in this process (``None`` before the first)."""
+    return _last_report
+
+
+def tuning_dir(profile: HardwareProfile) -> Path:
+    """The folder holding the target's MetaSchedule JSON database (workloads + records)."""
+    path = cache_dir() / "tuning" / profile.target_key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def is_untuned(profile: HardwareProfile, untuned: bool = False) -> bool:
+    """True when compiles for ``profile`` skip tuning (the user's flag or the profile says so)."""
+    return untuned or profile.latency.tuning == "untuned"
+
+
+def tuning_label(profile: HardwareProfile, untuned: bool = False) -> str:
+    """How kernels were compiled, for provenance strings."""
+    if is_untuned(profile, untuned):
+        return "untuned (plain tvm.compile)"
+    if profile.latency.method == "estimate":
+        return "MetaSchedule database schedules only (no device to tune the rest on)"
+    return f"MetaSchedule-tuned ({profile.latency.trials_per_task} trials per workload)"
+
+
+def fusion_passes(target) -> list:
+    """Library dispatch, legalization and operator fusion for a ``tvm.target.Target``: the
+    passes that produce the fused kernels tuning works on (and the CUDA pipeline schedules)."""
+    from tvm import relax
+    from tvm.relax import pipeline
+
+    return [
+        *pipeline.library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def gpu_default_schedules():
+    """DLight's default GPU schedules for every fused kernel (matmul, GEMV, reductions, and a
+    fallback binding the rest): without one TVM rejects GPU kernels for unbound thread axes."""
+    from tvm.s_tir import dlight
+
+    return dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                                       dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())
+
+
+def fuse(mod, profile: HardwareProfile):
+    """Legalize and fuse the frontend's module: the stage tuning tasks are extracted from."""
+    import tvm
+
+    target = tvm.target.Target(profile.tvm_target)
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(fusion_passes(target))(mod)
+
+
+def extract_tasks(fused, profile: HardwareProfile) -> list:
+    """The distinct workloads (``ExtractedTask``) of a fused module, unscheduled ones only."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = ms.relax_integration.extract_tasks(fused, tvm.target.Target(profile.tvm_target),
+                                               module_equality=_MODULE_EQUALITY)
+    return [task for task in tasks if not task.mod.attrs.get("tirx.is_scheduled", False)]
+
+
+def tune(mod, profile: HardwareProfile) -> TuningReport:
+    """Tune the workloads of ``mod`` (frontend Relax module) missing from the target's database."""
+    _check_tunable(profile)
+    return _tune_fused(fuse(mod, profile), profile)[0]
+
+
+def lower_for_build(mod, profile: HardwareProfile, *, untuned: bool = False):
+    """The frontend's Relax module -> the module ``tvm.compile(result, target)`` builds.
+
+    Tuned (default): fused, with every workload's schedule applied from the database
+    (missing ones are tuned first); see the module docstring for the stage. A profile
+    with no device to tune on (latency method ``estimate``) uses the schedules the
+    database has and leaves the rest untuned (listed in the report's ``unscheduled``).
+    Untuned: only dispatch and ``LegalizeOps``, the first passes of plain ``tvm.compile``.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline
+
+    target = tvm.target.Target(profile.tvm_target)
+    if is_untuned(profile, untuned):
+        with target:
+            return tvm.transform.Sequential([*pipeline.library_dispatch_passes(target),
+                                             relax.transform.LegalizeOps()])(mod)
+    fused = fuse(mod, profile)
+    report, database = _tune_fused(fused, profile)
+    if report.unscheduled:
+        logger.warning("%s: %d of %d kernels have no tuned schedule and run untuned", profile.name,
+                       len(report.unscheduled), report.tasks_in_model)
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        scheduled = relax.transform.MetaScheduleApplyDatabase()(fused)
+        if pipeline.BackendDispatcher.is_gpu_target(target):
+            scheduled = gpu_default_schedules()(scheduled)
+    return scheduled
+
+
+def compile_tuned(mod, profile: HardwareProfile, *, untuned: bool = False):
+    """Compile the frontend's Relax module for the profile's target (a ``relax.Executable``)."""
+    import tvm
+
+    target = tvm.target.Target(profile.tvm_target)
+    lowered = lower_for_build(mod, profile, untuned=untuned)
+    if is_untuned(profile, untuned):
+        return tvm.compile(lowered, target=target)
+    with tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(lowered, target=target)
+
+
+def _tune_fused(fused, profile: HardwareProfile):
+    """Tune what the database lacks (when the target can be measured); returns (report, database)."""
+    global _last_report
+    tasks = extract_tasks(fused, profile)
+    folder = tuning_dir(profile)
+    missing = _missing(tasks, folder)
+    seconds = 0.0
+    tuned = 0
+    if missing and profile.latency.method != "estimate":
+        _check_tunable(profile)
+        tuner_lock = folder / _TUNER_LOCK
+        with _locked(tuner_lock, exclusive=True, waiting=f"another process is tuning into {folder}"):
+            missing = _missing(tasks, folder)  # the other process may have tuned them meanwhile
+            if missing:
+                start = time.perf_counter()
+                found = _search(missing, profile)
+                with _locked(folder / _DB_LOCK, exclusive=True):
+                    _merge(found, missing, folder)
+                seconds = time.perf_counter() - start
+                tuned = len(missing)
+    with _locked(folder / _DB_LOCK, exclusive=False):
+        database = _open_database(folder)
+    unscheduled = tuple(task.task_name for task in tasks if not _has_schedule(database, task.dispatched[0]))
+    _last_report = TuningReport(profile.target_key, len(tasks), tuned, len(tasks) - tuned, seconds,
+                                profile.latency.trials_per_task, unscheduled)
+    return _last_report, database
+
+
+def _open_database(folder: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        return ms.database.JSONDatabase(path_workload=str(folder / WORKLOADS),
+                                        path_tuning_record=str(folder / RECORDS),
+                                        allow_missing=True, module_equality=_MODULE_EQUALITY)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AutocompError(f"tuning database {folder} is unreadable ({first}); "
+                            "delete the folder to tune again") from None
+
+
+def _has_schedule(database, mod) -> bool:
+    return database.has_workload(mod) and bool(database.get_top_k(database.commit_workload(mod), 1))
+
+
+def _missing(tasks: list, folder: Path) -> list:
+    with _locked(folder / _DB_LOCK, exclusive=False):
+        database = _open_database(folder)
+    return [task for task in tasks if not database.has_workload(task.dispatched[0])]
+
+
+def _merge(found, tasks: list, folder: Path) -> None:
+    """Add each task's workload and its best record to the shared database (lock held).
+
+    Only the best record is kept: the database then loads fast however many
+    trials were run, and a workload with no valid record is still marked as done.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    database = _open_database(folder)  # reopened under the lock: sees other processes' additions
+    for task in tasks:
+        mod = task.dispatched[0]
+        workload = database.commit_workload(mod)
+        for record in found.get_top_k(found.commit_workload(mod), 1):
+            database.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, workload, record.run_secs, record.target, record.args_info))
+
+
+def _check_tunable(profile: HardwareProfile) -> None:
+    lat = profile.latency
+    if lat.method == "estimate":
+        raise AutocompError(f"target {profile.name} has no device to tune on (latency method "
+                            "'estimate'): set latency.tuning to 'untuned' in its profile or pass --untuned")
+    if lat.method == "rpc" and lat.rpc is None:
+        raise AutocompError(f"target {profile.name}: latency.rpc is missing, cannot tune over RPC")
+    if lat.method == "local" and lat.device == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise AutocompError(f"target {profile.name}: no CUDA GPU here to tune on")
+
+
+def _search(tasks: list, profile: HardwareProfile):
+    """Run MetaSchedule on ``tasks``; returns the in-memory database of every trial."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tvm.target.Target(profile.tvm_target)
+    register_intrinsics(target)
+    trials = profile.latency.trials_per_task
+    cores = max(1, os.cpu_count() or 1)
+    evolve = trials >= EVOLUTION_FROM
+    strategy = (ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 16 * trials)))
+                if evolve else ms.search_strategy.ReplayTrace())
+    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact()]
+    # MetaSchedule logs every candidate to the task's logger: warnings only.
+    task_log = logging.getLogger(f"{__name__}.metaschedule")
+    task_log.setLevel(logging.WARNING)
+    if evolve:
+        callbacks.append(ms.measure_callback.UpdateCostModel())
+    contexts = [
+        ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                       search_strategy=strategy, task_name=task.task_name,
+                       logger=task_log, rand_state=_SEED + index,
+                       num_threads=cores).clone()
+        for index, task in enumerate(tasks)
+    ]
+    memory = ms.database.MemoryDatabase(module_equality=_MODULE_EQUALITY)
+    with (_environment(TVM_NUM_THREADS=str(profile.latency.threads)),
+          _progress(tasks, trials) as progress,
+          tempfile.TemporaryDirectory(prefix="autocomp-tune-") as work_dir):
+        builder = _builder(profile, cores)
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=[float(task.weight) for task in tasks], work_dir=work_dir,
+                max_trials_global=trials * len(tasks), max_trials_per_task=trials,
+                num_trials_per_iter=min(trials, 64), builder=builder, runner=_runner(profile),
+                database=memory, cost_model="xgb" if evolve else "random",
+                measure_callbacks=[*callbacks, progress],
+                task_scheduler="round-robin", module_equality=_MODULE_EQUALITY,
+            )
+        finally:
+            builder.close()
+    return memory
+
+
+def _builder(profile: HardwareProfile, cores: int):
+    from autocomp.hardware.compile import tune_builder
+
+    if profile.latency.method == "rpc":
+        export = functools.partial(tune_builder.export_shared, compiler=profile.export.cross_compiler)
+        return tune_builder.PooledBuilder(cores, 120.0, export)
+    return tune_builder.PooledBuilder(cores, 120.0)
+
+
+def _runner(profile: HardwareProfile):
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40,
+                                          enable_cpu_cache_flush=False)
+    lat = profile.latency
+    if lat.method == "rpc":
+        assert lat.rpc is not None
+        config = ms.runner.RPCConfig(tracker_host=lat.rpc.tracker_host, tracker_port=lat.rpc.tracker_port,
+                                     tracker_key=lat.rpc.key, session_timeout_sec=int(lat.rpc.timeout_s))
+        return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
+    return ms.runner.LocalRunner(timeout_sec=60.0, evaluator_config=evaluator)
+
+
+_INTRINSICS = {"x86": ("x86",), "aarch64": ("arm_cpu",), "arm": ("arm_cpu",), "riscv": ("riscv_cpu",)}
+
+
+def register_intrinsics(target) -> None:
+    """Register the tensor intrinsics ``target`` can use, without TVM's 30-40 s import of all.
+
+    ``import tvm.s_tir.tensor_intrin`` registers every back-end's intrinsics (CUDA's
+    alone take 20-30 s here) and MetaSchedule imports it for each tuning context.
+    An empty package object takes its place, and only the submodules the target
+    needs are imported into it; later imports of other submodules still work.
+    """
+    import tvm.s_tir
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations is not None
+        package = types.ModuleType(name, "Tensor intrinsics, registered per target by autocomp.")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules[name] = package
+        tvm.s_tir.tensor_intrin = package
+    if target.kind.name == "cuda":
+        needed: tuple[str, ...] = ("cuda",)
+    else:
+        triple = str(target.attrs.get("mtriple", "")) or "x86"
+        needed = next((mods for prefix, mods in _INTRINSICS.items() if triple.startswith(prefix)), ())
+    for sub in needed:
+        importlib.import_module(f"{name}.{sub}")
+
+
+@contextmanager
+def _locked(path: Path, *, exclusive: bool, waiting: str = "") -> Iterator[None]:
+    """Hold an ``fcntl`` lock on ``path`` (shared or exclusive) for the block."""
+    with open(path, "a+") as handle:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                logger.info("waiting: %s", waiting)
+            fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for worker processes started in the block."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_PICKS = re.compile(r'picks Task #(\d+): "(.*)"')
+
+
+@contextmanager
+def _progress(tasks: list, trials: int) -> Iterator[object]:
+    """A progress phase over the trials; its label names the task being tuned.
+
+    The label follows the task scheduler's log line ``picks Task #i``; the count
+    advances by MetaSchedule's measure callback after each batch of trials.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    bar = Progress(f"tuning {len(tasks)} workloads", total=trials * len(tasks), unit="trial")
+    seen: set[int] = set()
+
+    class Label(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            match = _PICKS.search(record.getMessage())
+            if match and int(match[1]) not in seen:  # later picks only confirm finished tasks
+                seen.add(int(match[1]))
+                bar.set_description(f"tuning {len(seen)}/{len(tasks)} {match[2][:40]}")
+
+    @derived_object
+    class Advance(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            bar.update(len(measure_candidates))
+
+    scheduler_log = logging.getLogger("tvm.s_tir.meta_schedule.task_scheduler")
+    handler = Label(logging.INFO)
+    saved = (scheduler_log.level, scheduler_log.propagate)
+    scheduler_log.addHandler(handler)
+    scheduler_log.setLevel(logging.INFO)
+    scheduler_log.propagate = False
+    try:
+        yield Advance()
+    finally:
+        scheduler_log.removeHandler(handler)
+        scheduler_log.setLevel(saved[0])
+        scheduler_log.propagate = saved[1]
+        bar.close()

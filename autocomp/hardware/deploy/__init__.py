@@ -1,0 +1,1 @@
+"""Deployable artefacts per target and the runtimes that check them outside Python."""

@@ -1,0 +1,1 @@
+"""Intake: models and datasets named by spec strings."""
