@@ -81,6 +81,12 @@ class Progress:
         elif self.log_end and finished:
             seconds = time.perf_counter() - self._start
             status = f", {self.status}" if self.status else ""
-            logger.info("%s: %d %s%s in %.0f s%s", self.desc, self.n, self.unit, "" if self.n == 1 else "s",
-                        seconds, status)
+            logger.info("%s: %d %s in %.0f s%s", self.desc, self.n, _plural(self.unit, self.n), seconds,
+                        status)
         self.log_end = False
+
+
+def _plural(unit: str, count: int) -> str:
+    if count == 1:
+        return unit
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
