@@ -40,7 +40,6 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor, target: str | H
     shape = tuple(example_inputs.shape)
     checks = example_inputs if check_inputs is None else check_inputs
     inputs = checks.detach().cpu().numpy().reshape(-1, *shape)
-    refuse_existing(out, force)
     with staged_folder(out, force=force) as staging:
         logger.info("export: %s (%s, %s) ...", profile.name, profile.target_text(), profile.export.format)
         return _write_export(model, shape, profile, staging, inputs, "given inputs")

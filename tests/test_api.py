@@ -25,6 +25,17 @@ def test_every_public_name_resolves_to_its_module_object() -> None:
         _ = autocomp.nothing_here
 
 
+def test_the_names_type_checkers_see_are_the_public_names() -> None:
+    """The ``if TYPE_CHECKING:`` imports of autocomp/__init__.py name the same modules as the
+    lazy table."""
+    import ast
+
+    tree = ast.parse(Path(autocomp.__file__).read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If))
+    seen = {alias.name: node.module for node in block.body for alias in node.names}
+    assert seen == autocomp._HOME
+
+
 def test_importing_the_package_or_the_cli_does_not_load_torch() -> None:
     """Timing workers import parts of the package without PyTorch, and the CLI sets
     OMP_WAIT_POLICY before torch loads its OpenMP runtime."""

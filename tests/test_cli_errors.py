@@ -41,3 +41,13 @@ def test_targets_lists_how_latency_is_obtained(cli) -> None:
     assert host["latency"] == "measured" and "metaschedule" in host["how"]
     m7 = next(t for t in json.loads(out) if t["name"] == "cortex-m7")
     assert m7["latency"] == "estimated" and m7["memory"]["sram"] == 320 * 1024
+
+
+def test_latency_on_a_target_without_a_device_says_it_is_estimated(cli) -> None:
+    code, out, _ = cli("latency", "--model", "demo-resnet", "--target", "arm-a53")
+    assert code == 0 and "estimated (arm-a53 cost model" in out
+    code, out, _ = cli("latency", "--model", "demo-resnet", "--target", "arm-a53", "--json")
+    import json
+
+    figures = json.loads(out)
+    assert figures["latency"]["kind"] == "estimated" and figures["input_shape"] == [1, 1, 28, 28]

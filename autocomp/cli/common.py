@@ -1,7 +1,6 @@
 """What several commands share: the argparse parser class, the model and data options, and torch set-up."""
 
 import argparse
-from pathlib import Path
 
 from autocomp.core.errors import AutocompError
 
@@ -38,13 +37,15 @@ def positive(value: int | None, option: str) -> None:
         raise AutocompError(f"{option} must be positive, not {value}")
 
 
-def model_source(args: argparse.Namespace, spec: str, data):
-    """The model named on the command line, shaped for ``data``, weights path made absolute."""
+def model_source(args: argparse.Namespace, input_shape: tuple[int, ...], data=None):
+    """The model ``--model`` names, for inputs of ``input_shape``: ``--num-classes`` outputs, else
+    the data's classes, else 10 for the demo models and 1000 (ImageNet) for the others."""
     from autocomp.intake.source import ModelSource
 
-    weights = str(Path(args.weights).resolve()) if args.weights else None
-    return ModelSource(spec, args.num_classes or data.num_classes, data.sample_shape[0],
-                       data.sample_shape[-1], args.adapt_stem, weights)
+    classes = args.num_classes or (data.num_classes if data is not None
+                                   else 10 if args.model.startswith("demo-") else 1000)
+    return ModelSource.named(args.model, input_shape, classes, adapt_stem=args.adapt_stem,
+                             weights=args.weights)
 
 
 def setup_torch() -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autocomp.cli.common import add_model_args
+from autocomp.cli.common import add_model_args, model_source
 from autocomp.core.errors import AutocompError
 from autocomp.core.units import format_bytes, format_count, format_memory, format_seconds
 from autocomp.hardware.profiles import HardwareProfile
@@ -72,7 +72,6 @@ def prepare(args: argparse.Namespace) -> TargetModel:
     """Build the named model, apply ``--plan``, and load the target profile (``--untuned`` applied)."""
     from autocomp.core.units import parse_shape
     from autocomp.hardware.profiles import load_target
-    from autocomp.intake.source import ModelSource
 
     profile = load_target(args.target, untuned=args.untuned)
     data = None
@@ -88,11 +87,7 @@ def prepare(args: argparse.Namespace) -> TargetModel:
         shape = (1, 1, 28, 28)
     else:
         raise AutocompError("give --input-shape (e.g. 1,3,224,224) or --data for this model")
-    default_classes = data.num_classes if data else (10 if args.model.startswith("demo-") else 1000)
-    weights = str(Path(args.weights).resolve()) if args.weights else None
-    source = ModelSource(args.model, args.num_classes or default_classes, shape[1], shape[-1],
-                         args.adapt_stem, weights)
-    model = source.build()
+    model = model_source(args, shape, data).build()
     summary = "none"
     if args.plan:
         from autocomp.core.inventory import build_inventory
@@ -134,17 +129,15 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
+    import torch
+
     from autocomp.core.inventory import build_inventory
     from autocomp.hardware.mcu.memory import device_memory
-    from autocomp.hardware.oracle import make_measurer
+    from autocomp.hardware.oracle import measure_latency
     from autocomp.methods.apply import count_params, size_bytes
 
     target = prepare(args)
-    measurer = make_measurer(target.profile)
-    try:
-        latency = measurer.measure(target.model, target.input_shape)
-    finally:
-        measurer.close()
+    latency = measure_latency(target.model, torch.zeros(target.input_shape), target.profile)
     figures = {
         "model": args.model, "plan": target.plan_summary, "target": target.profile.name,
         "input_shape": list(target.input_shape), "latency": latency.to_json(),

@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     positive(args.epochs, "--epochs")
     setup_torch()
     data = load_data(args.data, image_size=args.image_size)
-    model = model_source(args, args.model, data).build()
+    model = model_source(args, (1, *data.sample_shape), data).build()
     if args.out.is_dir():
         raise AutocompError(f"--out {args.out} is a folder; give a file path such as model.pt")
     print(f"training {args.model} on {args.data}: {len(data.train)} train / {len(data.val)} val "
@@ -71,13 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from autocomp.core.inventory import build_inventory
     from autocomp.core.units import parse_shape
-    from autocomp.intake.source import ModelSource
 
     shape = parse_shape(args.input_shape)
-    default_classes = 10 if args.model.startswith("demo-") else 1000
-    source = ModelSource(args.model, args.num_classes or default_classes, shape[1], shape[-1],
-                         args.adapt_stem, args.weights)
-    inventory = build_inventory(source.build(), shape)
+    inventory = build_inventory(model_source(args, shape).build(), shape)
     if args.json:
         print(json.dumps(inventory.to_json(), indent=2))
         return 0
@@ -124,7 +120,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     plan = CompressionPlan.load(args.plan)
     setup_torch()
     data = load_data(args.data, image_size=args.image_size)
-    source = model_source(args, args.model, data)
+    source = model_source(args, (1, *data.sample_shape), data)
     model = source.build()
     shape = (1, *data.sample_shape)
     inventory = build_inventory(model, shape)

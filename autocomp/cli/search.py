@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from autocomp.cli.common import add_data_args, add_model_args, setup_torch
+from autocomp.cli.common import add_data_args, add_model_args, positive, setup_torch
 from autocomp.cli.output import silence_optuna
 from autocomp.core.errors import AutocompError
 
@@ -76,8 +76,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     for value, option in ((trials, "--trials"), (args.finetune_steps, "--finetune-steps"),
                           (args.train_subset, "--train-subset"), (args.val_subset, "--val-subset"),
                           (args.baseline_epochs, "--baseline-epochs")):
-        if value is not None and value <= 0:
-            raise AutocompError(f"{option} must be positive, not {value}")
+        positive(value, option)
     if args.no_finetune and args.finetune_steps:
         raise AutocompError("--no-finetune and --finetune-steps contradict each other")
     budget = args.budget if args.budget is not None else (DEMO_BUDGET if demo else None)

@@ -37,7 +37,7 @@ class Progress:
 
     def __init__(self, desc: str, *, total: int | None = None, unit: str = "step", initial: int = 0,
                  log_end: bool = True, quiet: bool = False) -> None:
-        self.desc, self.total, self.unit, self.log_end = desc, total, unit, log_end and not quiet
+        self.desc, self.unit, self.log_end = desc, unit, log_end and not quiet
         self.n = initial
         self.status = ""
         self._start = time.perf_counter()
@@ -55,20 +55,18 @@ class Progress:
         self.moveto(self.n + n)
 
     def moveto(self, n: int, total: int | None = None) -> None:
-        """Set the count (and the total, when it became known) directly."""
-        self.n = n
-        if total is not None:
-            self.total = total
+        """Set the count (and the total, when it became known) directly; the bar redraws at
+        most as often as tqdm's ``mininterval``, so a step of a training loop costs nothing."""
         if self._bar is not None:
             if total is not None:
                 self._bar.total = total
-            self._bar.n = n
-            self._bar.refresh()
+            self._bar.update(n - self.n)
+        self.n = n
 
     def set_status(self, status: str) -> None:
         self.status = status
         if self._bar is not None:
-            self._bar.set_postfix_str(status)
+            self._bar.set_postfix_str(status, refresh=False)
 
     def set_description(self, desc: str) -> None:
         if self._bar is not None:

@@ -2,6 +2,7 @@
 shape and weights), as a search run stores it."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -18,6 +19,14 @@ class ModelSource:
     input_size: int
     adapt_stem: bool = False
     weights: str | None = None
+
+    @classmethod
+    def named(cls, spec: str, input_shape: tuple[int, ...], num_classes: int, *, adapt_stem: bool = False,
+              weights: str | Path | None = None) -> "ModelSource":
+        """The model ``spec`` for inputs of ``input_shape`` (N, C, H, W), with ``weights`` made
+        absolute so that a run resumed or exported from another folder still finds them."""
+        return cls(spec, num_classes, input_shape[1], input_shape[-1], adapt_stem,
+                   str(Path(weights).resolve()) if weights else None)
 
     def build(self) -> nn.Module:
         """The model in eval mode, with its weights when it has any."""

@@ -7,4 +7,4 @@ before a plan is parsed.
 
 from autocomp.methods import lowrank, prune, quant, sparsity, substitute
 
-FAMILIES = (lowrank, prune, quant, sparsity, substitute)
+__all__ = ["lowrank", "prune", "quant", "sparsity", "substitute"]

@@ -91,7 +91,6 @@ def config_from_json(data: dict[str, Any]) -> MethodConfig:
     if extra:
         raise ValueError(f"method {method!r} has no parameter {extra[0]!r}")
     try:
-        config = cls(**{k: v for k, v in data.items() if k != "method"})
+        return cls(**{k: v for k, v in data.items() if k != "method"})
     except TypeError as err:
         raise ValueError(f"method {method!r}: {err}") from None
-    return config

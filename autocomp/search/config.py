@@ -17,9 +17,9 @@ class SearchConfig:
     without ``weights`` the model is trained for ``baseline_epochs`` first (once, cached).
     ``budget`` limits latency (``20ms`` or ``60%`` of the uncompressed model), ``size`` the
     deployed size, ``sram`` / ``flash`` a microcontroller's memory. Outputs go to
-    ``runs_dir / name``; running the same config again resumes the run. ``finetune`` False is
-    the data-free mode (calibration only); ``space`` defaults to ``default`` (``data-free``
-    without fine-tuning).
+    ``runs_dir / name`` (default name: the model's and the target's); running the same config
+    again resumes the run. ``finetune`` False is the data-free mode (calibration only);
+    ``space`` defaults to ``default`` (``data-free`` without fine-tuning).
     """
 
     model: str
@@ -60,8 +60,3 @@ class SearchConfig:
             raise AutocompError("finetune False (data-free) and finetune_steps contradict each other")
         if self.sampler not in SAMPLERS:
             raise AutocompError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
-
-    @property
-    def run_name(self) -> str:
-        """The run's name: ``name``, or the model's and the target's."""
-        return self.name or f"{self.model.split(':')[-1].replace('.py', '')}-{self.target}"

@@ -66,13 +66,12 @@ def run_search(config: SearchConfig) -> SearchOutcome:
     space = load_space(config.space or ("default" if config.finetune else "data-free"))
     if config.finetune_steps:
         space = space.with_finetune(steps=config.finetune_steps)
-    name = check_name(config.run_name)
+    name = check_name(config.name or f"{config.model.split(':')[-1].replace('.py', '')}-{profile.name}")
     if config.storage:
         open_storage(config.storage, config.runs_dir / name)  # fail fast on a bad URL
     data = load_data(config.data, image_size=config.image_size)
-    weights = str(Path(config.weights).resolve()) if config.weights else None
-    source = ModelSource(config.model, config.num_classes or data.num_classes, data.sample_shape[0],
-                         data.sample_shape[-1], config.adapt_stem, weights)
+    source = ModelSource.named(config.model, (1, *data.sample_shape), config.num_classes or data.num_classes,
+                               adapt_stem=config.adapt_stem, weights=config.weights)
     source.build()  # fail fast on a bad spec or weights, before anything is written
     limits = ", ".join(f"{what} {value}" for what, value in (
         ("latency", config.budget), ("size", config.size), ("SRAM", config.sram), ("flash", config.flash))
@@ -93,8 +92,7 @@ def run_search(config: SearchConfig) -> SearchOutcome:
 
 
 def run_study(settings: RunSettings, runs_root: Path, data: DataSplits, profile: HardwareProfile,
-               space: SearchSpace, budget: LatencyBudget | None,
-               size_budget: int | None) -> SearchOutcome:
+              space: SearchSpace, budget: LatencyBudget | None, size_budget: int | None) -> SearchOutcome:
     """Run the search described by ``settings``: create its study or join (resume) it, then
     finish ``settings.trials`` trials together with any other workers, and report. Each
     phase and each trial is logged as one line."""
@@ -236,16 +234,16 @@ def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int) -> No
         label = f" ({attrs['label']})" if attrs.get("label") else ""
         if trial.state == optuna.trial.TrialState.COMPLETE:
             logger.info(f"trial {trial.number:>3}{label}: val {attrs['val_acc']:.2%}  latency "
-                      f"{format_seconds(attrs['latency']['median_s'])}  size "
-                      f"{format_bytes(attrs['size_bytes'])}  "
-                      f"{'within budget' if attrs['feasible'] else 'over budget'}  "
-                      f"[{attrs['plan_summary']}]  ({seconds:.0f} s)")
+                        f"{format_seconds(attrs['latency']['median_s'])}  size "
+                        f"{format_bytes(attrs['size_bytes'])}  "
+                        f"{'within budget' if attrs['feasible'] else 'over budget'}  "
+                        f"[{attrs['plan_summary']}]  ({seconds:.0f} s)")
         elif trial.state == optuna.trial.TrialState.PRUNED:
             logger.info(f"trial {trial.number:>3}{label}: stopped early: "
-                      f"{attrs.get('pruned_reason', 'hopeless')} ({seconds:.0f} s)")
+                        f"{attrs.get('pruned_reason', 'hopeless')} ({seconds:.0f} s)")
         else:
             logger.info(f"trial {trial.number:>3}{label}: failed: "
-                      f"{attrs.get('fail_reason', 'unknown reason')}")
+                        f"{attrs.get('fail_reason', 'unknown reason')}")
         best = best_feasible(collect(study))
         if best is not None:
             bar.set_status(f"best within budget: #{best.number} {best.val_acc:.2%} "

@@ -36,6 +36,8 @@ from autocomp.hardware.mcu.memory import McuMemory, device_memory
 from autocomp.hardware.measure.base import Latency
 from autocomp.hardware.profiles import HardwareProfile, load_target
 from autocomp.intake.data import DataSplits
+from autocomp.search.results.trials import load_trial_model
+from autocomp.search.settings import load_settings, with_memory_limits
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +289,6 @@ def codesign(run_dir: Path, target: str, sweep: dict[str, list], *, budget: str 
     """Re-evaluate the run's front on every variant of ``target`` (see the module docstring);
     writes ``codesign-TARGET.json`` and ``.md`` into the run folder. ``budget`` (20ms, 60%)
     defaults to the run's; a percentage is of the uncompressed model on the unswept profile."""
-    from autocomp.search.results.trials import load_trial_model
-    from autocomp.search.settings import load_settings, with_memory_limits
-
     settings = load_settings(run_dir)
     profile = load_target(target)
     if profile.name == settings.target:  # the run's --sram / --flash hold unless swept

@@ -43,7 +43,6 @@ def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSetti
     """Re-measure the front end to end and score it on the test split (which no choice
     ever used), then write front.json, pareto.csv, pareto.png and the report, and log the
     front as a table."""
-
     if not results:
         raise AutocompError("no trial finished, so there is no Pareto front")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
