@@ -90,14 +90,14 @@ def _compile(model: torch.nn.Module, shape: tuple[int, ...], profile, untuned: b
 def _time(library: Path, shape: tuple[int, ...], threads: int) -> list[float]:
     """Samples (seconds) from a fresh timing worker process."""
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    request = json.dumps({"library": str(library), "shape": list(shape), "repeat": 15, "min_repeat_ms": 200})
+    request = json.dumps({"library": str(library), "shape": list(shape), "rounds": 15, "min_repeat_ms": 200})
     done = subprocess.run([sys.executable, "-m", "autocomp.hardware.measure.timer_worker"],
                           input=request + "\n", capture_output=True, text=True, env=env, timeout=1800,
                           check=True)
     reply = json.loads(done.stdout.splitlines()[-1])
     if not reply["ok"]:
         raise RuntimeError(reply["error"])
-    return reply["seconds"]
+    return reply["candidate"]
 
 
 def bench_model(spec: str, args: argparse.Namespace, profile, folder: Path) -> dict:

@@ -87,6 +87,21 @@ def test_rpc_latency_is_close_to_local(tracker, server) -> None:
     assert 0.2 < remote.median_s / local.median_s < 5, (remote, local)
 
 
+def test_rpc_measurement_alternates_with_the_reference_on_the_device(tracker, server) -> None:
+    """The reference is uploaded with the candidate and timed in the same session, A B A B."""
+    measurer = RPCMeasurer(rpc_profile(tracker.port, "loop"))
+    try:
+        baseline = measurer.set_reference(small_net(), SHAPE)
+        same = measurer.measure(small_net(), SHAPE)
+    finally:
+        measurer.close()
+    assert "reference against itself, reference-relative" in baseline.provenance
+    assert baseline.reference["baseline_s"] == baseline.reference["level_s"]  # a fresh run's own level
+    assert "via RPC tracker" in same.provenance and "reference-relative" in same.provenance
+    assert same.samples == 5 and 0.5 < same.reference["ratio"] < 2, same
+    assert same.noisy is None or "the device's load is not visible through RPC" in same.noisy
+
+
 def test_key_without_server_fails_after_retries(tracker) -> None:
     measurer = RPCMeasurer(rpc_profile(tracker.port, "nobody", timeout_s=2, retries=1))
     with pytest.raises(AutocompError, match=r"'nobody'.*failed 2 times.*lists 0 such servers"):

@@ -5,6 +5,7 @@ import sqlite3
 from pathlib import Path
 
 import optuna
+import pytest
 
 from autocomp.intake.data import load_data
 
@@ -34,6 +35,12 @@ def test_search_resume_and_export(cli, tmp_path: Path, trained_resnet: Path) -> 
         assert "untuned" in metrics["latency"]["provenance"]
         assert 0.0 <= metrics["val_acc"] <= 1.0
         assert trial.values[1] == metrics["latency"]["median_s"] * 1e3
+    # the uncompressed trial is timed beside the same model: its figure is the baseline's
+    baseline = json.loads((run / "run.json").read_text())["baseline"]["latency"]
+    first = json.loads((run / "trials" / "0" / "metrics.json").read_text())["latency"]
+    assert "reference against itself" in baseline["provenance"]
+    assert "reference-relative" in first["provenance"]
+    assert first["median_s"] == pytest.approx(baseline["median_s"], rel=0.1)
     assert "Pareto front of 3 finished trials" in out and "untuned" in out
     assert "warm start: uncompressed, uniform int8" in out and "sensitivity:" in out
     assert [t.user_attrs.get("label") for t in trials] == ["uncompressed", "uniform int8",
@@ -89,7 +96,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(cli, tmp_path: Path,
 
     def flaky_measure(self, model, shape):
         calls["n"] += 1
-        if calls["n"] == 3:  # baseline, trial 0, then trial 1 fails
+        if calls["n"] == 2:  # trial 0, then trial 1 fails (the baseline is set_reference)
             raise RuntimeError("device fell off the bus")
         return real_measure(self, model, shape)
 

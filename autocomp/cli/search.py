@@ -47,6 +47,10 @@ def add_search_command(commands: argparse._SubParsersAction) -> None:
                         help="skip the sensitivity pre-pass that narrows and seeds the space")
     search.add_argument("--no-warm-start", action="store_true",
                         help="do not enqueue the uncompressed model and the uniform baselines")
+    search.add_argument("--trial-schedules", choices=("transfer", "tune"), default="transfer",
+                        help="kernels of workloads the tuning database lacks, in trials: transfer "
+                             "(default: a tuned neighbour's schedule, no tuning on the trial's critical "
+                             "path; the final front is tuned) or tune (each trial tunes them: slower)")
     search.add_argument("--latency-table", action="store_true",
                         help="also record the kernel latency table's prediction next to each measured "
                              "latency (metrics.json), and its error at the end (host targets)")
@@ -87,7 +91,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         size=args.size, sram=args.sram, flash=args.flash, trials=trials, sampler=args.sampler, name=args.name,
         storage=args.storage, space=args.space, finetune=not args.no_finetune,
         finetune_steps=args.finetune_steps, sensitivity=not args.no_sensitivity,
-        warm_start=not args.no_warm_start, latency_table=args.latency_table, seed=args.seed,
+        warm_start=not args.no_warm_start, latency_table=args.latency_table,
+        trial_schedules=args.trial_schedules, seed=args.seed,
         train_subset=args.train_subset, val_subset=args.val_subset, baseline_epochs=args.baseline_epochs,
         runs_dir=args.runs_dir)
     setup_torch()

@@ -22,9 +22,10 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, example_inputs: torch.Te
     ``example_inputs`` is one input of the model (batch of one), from which its layer
     inventory is built; an ``Inventory`` of the model already built (the search builds one
     for all its trials) may stand in for it. The plan is validated against the inventory
-    first. ``channel_multiple`` rounds the channels pruning keeps. Handlers run by stage
-    (pruning, then factorisation or substitution, then sparsity, then
-    quantization), each over all the layers that chose it. ``calib`` yields
+    first. ``channel_multiple`` rounds the channels pruning keeps and the ranks of
+    factorised layers. Handlers run by stage (pruning, then factorisation or
+    substitution, then sparsity, then quantization), each over all the layers that
+    chose it. ``calib`` yields
     (images, labels) batches for methods that calibrate or initialise from
     data. Deterministic: the same model, plan and data give the same result.
     """

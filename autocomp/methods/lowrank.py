@@ -152,9 +152,18 @@ def full_rank(in_channels: int, out_channels: int, kernel: list[int]) -> int:
     return min(out_channels, in_channels * math.prod(kernel))
 
 
-def target_rank(full: int, fraction: float) -> int:
-    """Singular values kept for a rank fraction (at least one)."""
-    return max(1, int(full * fraction + 0.5))
+def target_rank(full: int, fraction: float, multiple: int = 1) -> int:
+    """Singular values kept for a rank fraction (at least one), rounded to ``multiple`` (the
+    target's channel grid, so that factorised layers of different trials share kernels)."""
+    return on_grid(max(1, int(full * fraction + 0.5)), full, multiple)
+
+
+def on_grid(rank: int, full: int, multiple: int, *, up: bool = False) -> int:
+    """``rank`` rounded to a multiple of ``multiple`` (upwards with ``up``), within [1, full]."""
+    if multiple <= 1:
+        return rank
+    steps = -(-rank // multiple) if up else int(rank / multiple + 0.5)
+    return max(min(multiple, full), min(multiple * steps, full), 1)
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
@@ -256,12 +265,15 @@ def _pointwise(module: nn.Module, c_in: int, c_out: int, bias: bool) -> nn.Modul
                         dtype=module.weight.dtype)
 
 
-def svd_factorise(module: nn.Module, rank: float | None = None, energy: float | None = None) -> nn.Sequential:
-    """The two-layer SVD factorisation of a Linear or ungrouped conv, by rank fraction or energy."""
+def svd_factorise(module: nn.Module, rank: float | None = None, energy: float | None = None,
+                  multiple: int = 1) -> nn.Sequential:
+    """The two-layer SVD factorisation of a Linear or ungrouped conv, by rank fraction or energy
+    (the rank on a grid of ``multiple``; an energy's rank rounds up, keeping at least it)."""
     weight = _weight(module)
     out_channels = weight.shape[0]
     u, s, vh = torch.linalg.svd(weight.reshape(out_channels, -1), full_matrices=False)
-    keep = energy_rank(s, energy) if energy is not None else target_rank(len(s), rank)
+    keep = (on_grid(energy_rank(s, energy), len(s), multiple, up=True) if energy is not None
+            else target_rank(len(s), rank, multiple))
     root = s[:keep].sqrt()
     first_w, second_w = root[:, None] * vh[:keep], u[:, :keep] * root[None, :]
     has_bias = module.bias is not None
@@ -276,12 +288,13 @@ def svd_factorise(module: nn.Module, rank: float | None = None, energy: float | 
     return nn.Sequential(_copy(first, first_w), _copy(second, second_w, _bias(module)))
 
 
-def tucker2_factorise(module: nn.Module, rank: float, rank_out: float | None = None) -> nn.Sequential:
+def tucker2_factorise(module: nn.Module, rank: float, rank_out: float | None = None,
+                      multiple: int = 1) -> nn.Sequential:
     """Tucker-2 of a KxK conv: 1x1 in, KxK core, 1x1 out, from the HOSVD of the weight."""
     weight = _weight(module)
     c_out, c_in = weight.shape[:2]
-    r_in = target_rank(c_in, rank)
-    r_out = target_rank(c_out, rank if rank_out is None else rank_out)
+    r_in = target_rank(c_in, rank, multiple)
+    r_out = target_rank(c_out, rank if rank_out is None else rank_out, multiple)
     with _tensorly_torch():
         (core, (u_out, u_in)), _ = partial_tucker(weight, [r_out, r_in], modes=[0, 1], n_iter_max=0,
                                                   init="svd", random_state=SEED)
@@ -299,11 +312,11 @@ def _axis(value: Any, axis: int, other: int) -> Any:
     return value if isinstance(value, str) else tuple(v if i == axis else other for i, v in enumerate(value))
 
 
-def cp_factorise(module: nn.Module, rank: float) -> nn.Sequential:
+def cp_factorise(module: nn.Module, rank: float, multiple: int = 1) -> nn.Sequential:
     """CP of a conv: 1x1 (Cin->R), one depthwise conv per spatial axis, 1x1 (R->Cout)."""
     weight = _weight(module)
     c_out, c_in = weight.shape[:2]
-    r = target_rank(cp_full_rank(weight.shape), rank)
+    r = target_rank(cp_full_rank(weight.shape), rank, multiple)
     with _tensorly_torch():
         weights, factors = parafac(weight, r, n_iter_max=CP_ITERATIONS, init="svd", random_state=SEED)
     a_out, b_in, *spatial = factors
@@ -383,14 +396,15 @@ def tt_factorise(module: nn.Linear, rank: float, cores: int = TT_CORES) -> TTLin
     return layer
 
 
-def factorise(module: nn.Module, config: LowRankConfig) -> nn.Module:
-    """The replacement for ``module`` that ``config`` asks for."""
+def factorise(module: nn.Module, config: LowRankConfig, multiple: int = 1) -> nn.Module:
+    """The replacement for ``module`` that ``config`` asks for; SVD, Tucker-2 and CP ranks land on
+    a grid of ``multiple`` (tensor-train ranks are bound to their neighbours and stay exact)."""
     if config.kind == "svd":
-        return svd_factorise(module, config.rank, config.energy)
+        return svd_factorise(module, config.rank, config.energy, multiple)
     if config.kind == "tucker2":
-        return tucker2_factorise(module, config.rank, config.rank_out)
+        return tucker2_factorise(module, config.rank, config.rank_out, multiple)
     if config.kind == "cp":
-        return cp_factorise(module, config.rank)
+        return cp_factorise(module, config.rank, multiple)
     return tt_factorise(module, config.rank, config.cores or TT_CORES)
 
 
@@ -406,4 +420,4 @@ def apply_lowrank(model: nn.Module, choices: dict[str, LowRankConfig], ctx: Appl
             raise AutocompError(f"layer {name!r} is a {type(module).__name__}, which lowrank "
                                 f"{config.kind} cannot factorise")
     for name, config in choices.items():
-        model.set_submodule(name, factorise(model.get_submodule(name), config))
+        model.set_submodule(name, factorise(model.get_submodule(name), config, ctx.channel_multiple))

@@ -30,7 +30,7 @@ class Stage(IntEnum):
 @dataclass
 class ApplyContext:
     """What handlers may need besides the model: the inventory, an example input, the
-    channel multiple pruning rounds to, and calibration batches of (images, labels)."""
+    channel multiple pruning and low ranks round to, and calibration batches of (images, labels)."""
 
     inventory: Inventory
     example: torch.Tensor

@@ -7,6 +7,7 @@ from pathlib import Path
 from autocomp.core.errors import AutocompError
 
 SAMPLERS = ("tpe", "nsga2", "random")
+TRIAL_SCHEDULES = ("transfer", "tune")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +21,8 @@ class SearchConfig:
     ``runs_dir / name`` (default name: the model's and the target's); running the same config
     again resumes the run. ``finetune`` False is the data-free mode (calibration only);
     ``space`` defaults to ``default`` (``data-free`` without fine-tuning).
+    ``trial_schedules`` says how trials compile workloads the tuning database lacks:
+    ``transfer`` a tuned neighbour's schedule (the final front is tuned), or ``tune`` them.
     """
 
     model: str
@@ -44,6 +47,7 @@ class SearchConfig:
     sensitivity: bool = True
     warm_start: bool = True
     latency_table: bool = False
+    trial_schedules: str = "transfer"
     seed: int = 0
     train_subset: int | None = 20000
     val_subset: int | None = None
@@ -56,6 +60,9 @@ class SearchConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise AutocompError(f"{name} must be a positive integer, not {value!r}")
+        if self.trial_schedules not in TRIAL_SCHEDULES:
+            raise AutocompError(f"trial_schedules must be one of {', '.join(TRIAL_SCHEDULES)}, "
+                                f"not {self.trial_schedules!r}")
         if not self.finetune and self.finetune_steps:
             raise AutocompError("finetune False (data-free) and finetune_steps contradict each other")
         if self.sampler not in SAMPLERS:

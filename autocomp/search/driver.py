@@ -87,7 +87,8 @@ def run_search(config: SearchConfig) -> SearchOutcome:
                            config.val_subset, untuned=config.untuned, sampler=config.sampler,
                            storage=config.storage, size_budget=config.size, sram=config.sram,
                            flash=config.flash, finetune=config.finetune, sensitivity=config.sensitivity,
-                           warm_start=config.warm_start, latency_table=config.latency_table)
+                           warm_start=config.warm_start, latency_table=config.latency_table,
+                           trial_schedules=config.trial_schedules)
     return run_study(settings, config.runs_dir, data, profile, space, budget, size_budget)
 
 
@@ -101,7 +102,8 @@ def run_study(settings: RunSettings, runs_root: Path, data: DataSplits, profile:
     logger.info("study: %s", describe_storage(settings.storage, run_dir))
     teacher = settings.model.build()
     inventory = build_inventory(teacher, settings.input_shape)
-    measurers = MeasurerPool(profile, check_table=settings.latency_table)
+    measurers = MeasurerPool(profile, teacher, settings.input_shape, check_table=settings.latency_table,
+                             new_workloads=settings.trial_schedules)
     val = take(data.val, settings.val_subset, settings.seed)
     calib = calibration_loader(data.train, seed=settings.seed)
     try:
@@ -119,6 +121,7 @@ def run_study(settings: RunSettings, runs_root: Path, data: DataSplits, profile:
         else:
             study, created = open_study(run_dir, settings), False
         adopt(settings, shared)
+        measurers.anchor(settings.baseline["latency"]["median_s"])
         sensitivity = Sensitivity.from_json(shared["sensitivity"]) if shared.get("sensitivity") else None
         if not created:
             _log_baseline(settings)
@@ -157,7 +160,7 @@ def run_study(settings: RunSettings, runs_root: Path, data: DataSplits, profile:
 def _measure_baseline(teacher, data: DataSplits, val, measurers: MeasurerPool, settings: RunSettings,
                       budget: LatencyBudget | None) -> dict:
     logger.info("baseline: measuring the uncompressed model on %s ...", settings.target)
-    latency = measurers.get({})[1].measure(teacher, settings.input_shape)
+    latency = measurers.baseline()
     baseline = {"val_acc": evaluate(teacher, val), "test_acc": evaluate(teacher, data.test),
                 "latency": latency.to_json(),
                 "budget_s": budget.resolve(latency.median_s) if budget else None}
@@ -233,8 +236,9 @@ def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int) -> No
         attrs = trial.user_attrs
         label = f" ({attrs['label']})" if attrs.get("label") else ""
         if trial.state == optuna.trial.TrialState.COMPLETE:
+            noisy = " (noisy)" if attrs["latency"].get("noisy") else ""
             logger.info(f"trial {trial.number:>3}{label}: val {attrs['val_acc']:.2%}  latency "
-                        f"{format_seconds(attrs['latency']['median_s'])}  size "
+                        f"{format_seconds(attrs['latency']['median_s'])}{noisy}  size "
                         f"{format_bytes(attrs['size_bytes'])}  "
                         f"{'within budget' if attrs['feasible'] else 'over budget'}  "
                         f"[{attrs['plan_summary']}]  ({seconds:.0f} s)")

@@ -42,6 +42,7 @@ class RunSettings:
     sensitivity: bool = True  # the sensitivity pre-pass narrows and seeds the space
     warm_start: bool = True  # enqueue the uncompressed model and the uniform baselines
     latency_table: bool = False  # record the kernel latency table's prediction per trial
+    trial_schedules: str = "transfer"  # new workloads in trials: a neighbour's schedule, or tuned
     baseline: dict[str, Any] = field(default_factory=dict)  # accuracy, latency, budget_s
 
     @property

@@ -51,17 +51,18 @@ def to_relax(model: nn.Module, input_shape: tuple[int, ...]):
 
 
 def compile_model(model: nn.Module, input_shape: tuple[int, ...], profile: HardwareProfile, *,
-                  untuned: bool = False):
+                  untuned: bool = False, new_workloads: str = "tune"):
     """Compile ``model`` for the profile's target; returns a ``tvm.relax.Executable``.
 
     Kernels are MetaSchedule-tuned through the target's persistent database
     (``autocomp.hardware.compile.tune``), tuning only workloads it lacks. ``untuned`` (or the
     profile's ``latency.tuning: untuned``) keeps plain ``tvm.compile``; callers label
-    the result with ``tune.tuning_label``.
+    the result with ``tune.schedules_label``. ``new_workloads="transfer"`` replays tuned
+    neighbours' schedules on workloads the database lacks instead of tuning them now.
     """
     from autocomp.hardware.compile.tune import compile_tuned
 
-    return compile_tuned(to_relax(model, input_shape), profile, untuned=untuned)
+    return compile_tuned(to_relax(model, input_shape), profile, untuned=untuned, new_workloads=new_workloads)
 
 
 def export_library(executable, path: Path) -> Path:

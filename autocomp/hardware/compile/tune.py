@@ -48,6 +48,8 @@ RECORDS = "database_tuning_record.json"
 _DB_LOCK = "database.lock"
 _TUNER_LOCK = "tuner.lock"
 _MODULE_EQUALITY = "structural"
+TRANSFERRED = "transferred"  # subfolder: the database of transferred schedules
+NEW_WORKLOADS = ("tune", "transfer")
 # Below this many trials per workload, candidates are sampled at random from the design
 # space (replay-trace): with one batch per workload the evolutionary search's cost model
 # has nothing to learn from yet, and its XGBoost updates and mutations cost 5-10 s a task.
@@ -69,11 +71,14 @@ class TuningReport:
     seconds: float
     trials_per_task: int
     unscheduled: tuple[str, ...] = ()  # tasks whose every trial failed: they run untuned
+    transferred: tuple[str, ...] = ()  # tasks running a neighbour's schedule (``compile.transfer``)
 
     def summary(self) -> str:
         text = (f"{self.tasks_in_model} tuning tasks: {self.tasks_tuned} tuned now "
                 f"({self.trials_per_task} trials each, {self.seconds:.1f} s), "
-                f"{self.tasks_reused} reused from the {self.target_key} database")
+                f"{self.tasks_reused - len(self.transferred)} reused from the {self.target_key} database")
+        if self.transferred:
+            text += f", {len(self.transferred)} with transferred schedules"
         if self.unscheduled:
             text += f"; {len(self.unscheduled)} without a working schedule: {', '.join(self.unscheduled)}"
         return text
@@ -103,6 +108,25 @@ def tuning_label(profile: HardwareProfile, untuned: bool = False) -> str:
     if profile.latency.method == "estimate":
         return "MetaSchedule database schedules only (no device to tune the rest on)"
     return f"MetaSchedule-tuned ({profile.latency.trials_per_task} trials per workload)"
+
+
+def schedules_label(profile: HardwareProfile, untuned: bool = False) -> str:
+    """Which schedules the last compile for ``profile`` used, for provenance strings: tuned,
+    transferred from a tuned neighbour, or untuned, with kernel counts."""
+    report = _last_report
+    if is_untuned(profile, untuned) or report is None or report.target_key != profile.target_key:
+        return tuning_label(profile, untuned)
+    kernels = report.tasks_in_model
+    tuned = kernels - len(report.transferred) - len(report.unscheduled)
+    parts = [f"tuned schedules ({profile.latency.trials_per_task} trials per workload) for {tuned}"]
+    if report.transferred:
+        parts.append(f"transferred schedules for {len(report.transferred)}")
+    if report.unscheduled:
+        parts.append(f"untuned for {len(report.unscheduled)}")
+    text = ", ".join(parts) + f" of {kernels} kernels"
+    if profile.latency.method == "estimate":
+        text += " (no device to tune the rest on)"
+    return text
 
 
 def fusion_passes(target) -> list:
@@ -155,13 +179,16 @@ def tune(mod, profile: HardwareProfile) -> TuningReport:
     return _tune_fused(fuse(mod, profile), profile)[0]
 
 
-def lower_for_build(mod, profile: HardwareProfile, *, untuned: bool = False):
+def lower_for_build(mod, profile: HardwareProfile, *, untuned: bool = False, new_workloads: str = "tune"):
     """The frontend's Relax module -> the module ``tvm.compile(result, target)`` builds.
 
     Tuned (default): fused, with every workload's schedule applied from the database
     (missing ones are tuned first); see the module docstring for the stage. A profile
     with no device to tune on (latency method ``estimate``) uses the schedules the
     database has and leaves the rest untuned (listed in the report's ``unscheduled``).
+    ``new_workloads="transfer"`` gives workloads the database lacks a schedule transferred
+    from a tuned neighbour instead (``autocomp.hardware.compile.transfer``), tuning only
+    those no neighbour fits; ``"tune"`` tunes them now.
     Untuned: only dispatch and ``LegalizeOps``, the first passes of plain ``tvm.compile``.
     """
     import tvm
@@ -174,7 +201,7 @@ def lower_for_build(mod, profile: HardwareProfile, *, untuned: bool = False):
             return tvm.transform.Sequential([*pipeline.library_dispatch_passes(target),
                                              relax.transform.LegalizeOps()])(mod)
     fused = fuse(mod, profile)
-    report, database = _tune_fused(fused, profile)
+    report, database = _tune_fused(fused, profile, new_workloads)
     if report.unscheduled:
         logger.warning("%s: %d of %d kernels have no tuned schedule and run untuned", profile.name,
                        len(report.unscheduled), report.tasks_in_model)
@@ -185,31 +212,43 @@ def lower_for_build(mod, profile: HardwareProfile, *, untuned: bool = False):
     return scheduled
 
 
-def compile_tuned(mod, profile: HardwareProfile, *, untuned: bool = False):
-    """Compile the frontend's Relax module for the profile's target (a ``relax.Executable``)."""
+def compile_tuned(mod, profile: HardwareProfile, *, untuned: bool = False, new_workloads: str = "tune"):
+    """Compile the frontend's Relax module for the profile's target (a ``relax.Executable``);
+    ``new_workloads`` as in ``lower_for_build``."""
     import tvm
 
     target = tvm.target.Target(profile.tvm_target)
-    lowered = lower_for_build(mod, profile, untuned=untuned)
+    lowered = lower_for_build(mod, profile, untuned=untuned, new_workloads=new_workloads)
     if is_untuned(profile, untuned):
         return tvm.compile(lowered, target=target)
     with tvm.transform.PassContext(opt_level=3):
         return tvm.compile(lowered, target=target)
 
 
-def _tune_fused(fused, profile: HardwareProfile):
-    """Tune what the database lacks (when the target can be measured); returns (report, database)."""
+def _tune_fused(fused, profile: HardwareProfile, new_workloads: str = "tune"):
+    """Schedule what the database lacks: tuned now (when the target can be measured), or
+    transferred from tuned neighbours; returns (report, database to apply)."""
     global _last_report
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    if new_workloads not in NEW_WORKLOADS:
+        raise ValueError(f"new_workloads must be one of {NEW_WORKLOADS}, not {new_workloads!r}")
     tasks = extract_tasks(fused, profile)
     folder = tuning_dir(profile)
     missing = _missing(tasks, folder)
+    transferred: set[str] = set()
+    if missing and new_workloads == "transfer":
+        transferred = _transferred(missing, profile, folder)
+        missing = [task for task in missing if task.task_name not in transferred]
     seconds = 0.0
     tuned = 0
     if missing and profile.latency.method != "estimate":
         _check_tunable(profile)
         tuner_lock = folder / _TUNER_LOCK
         with _locked(tuner_lock, exclusive=True, waiting=f"another process is tuning into {folder}"):
-            missing = _missing(tasks, folder)  # the other process may have tuned them meanwhile
+            missing = [task for task in _missing(tasks, folder)  # another process may have tuned them
+                       if task.task_name not in transferred]
             if missing:
                 start = time.perf_counter()
                 found = _search(missing, profile)
@@ -219,10 +258,38 @@ def _tune_fused(fused, profile: HardwareProfile):
                 tuned = len(missing)
     with _locked(folder / _DB_LOCK, exclusive=False):
         database = _open_database(folder)
-    unscheduled = tuple(task.task_name for task in tasks if not _has_schedule(database, task.dispatched[0]))
+        if transferred:
+            database = ms.database.OrderedUnionDatabase(database, _open_database(folder / TRANSFERRED))
+    target = tvm.target.Target(profile.tvm_target)
+    unscheduled = tuple(task.task_name for task in tasks
+                        if database.query_tuning_record(task.dispatched[0], target, "main") is None)
     _last_report = TuningReport(profile.target_key, len(tasks), tuned, len(tasks) - tuned, seconds,
-                                profile.latency.trials_per_task, unscheduled)
+                                profile.latency.trials_per_task, unscheduled, tuple(sorted(transferred)))
     return _last_report, database
+
+
+def _transferred(missing: list, profile: HardwareProfile, folder: Path) -> set[str]:
+    """Schedules for ``missing`` tasks from the transferred database, transferring those it
+    lacks now; returns the task names that have one (those left need tuning)."""
+    import tvm
+
+    from autocomp.hardware.compile.transfer import transfer
+
+    store_folder = folder / TRANSFERRED
+    store_folder.mkdir(exist_ok=True)
+    with _locked(folder / _DB_LOCK, exclusive=True):
+        store = _open_database(store_folder)
+        have = {task.task_name for task in missing if _has_schedule(store, task.dispatched[0])}
+        lacking = [task for task in missing if task.task_name not in have]
+        if lacking:
+            target = tvm.target.Target(profile.tvm_target)
+            register_intrinsics(target)
+            start = time.perf_counter()
+            done = transfer(lacking, _open_database(folder), store, target)
+            logger.debug("transferred schedules to %d of %d new workloads in %.1f s", len(done), len(lacking),
+                         time.perf_counter() - start)
+            have |= set(done)
+    return have
 
 
 def _open_database(folder: Path):

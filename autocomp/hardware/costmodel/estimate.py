@@ -381,6 +381,11 @@ class EstimateMeasurer:
         self.profile = profile
         self.fallback_reason = fallback_reason
 
+    def set_reference(self, model: nn.Module, input_shape: tuple[int, ...],
+                      baseline_s: float | None = None) -> Latency:
+        """The reference's estimate: an estimate has no load to cancel, so nothing is kept."""
+        return self.measure(model, input_shape)
+
     def measure(self, model: nn.Module, input_shape: tuple[int, ...]) -> Latency:
         latency = estimate(model, input_shape, self.profile).latency
         if self.fallback_reason:

@@ -253,7 +253,7 @@ def write_shared_library(job: ExportJob) -> list[Artefact]:
     import tvm
 
     from autocomp.hardware.compile.lower import compile_model
-    from autocomp.hardware.compile.tune import tuning_label
+    from autocomp.hardware.compile.tune import schedules_label
 
     profile = job.profile
     arch = llvm_arch(profile.tvm_target)
@@ -265,7 +265,10 @@ def write_shared_library(job: ExportJob) -> list[Artefact]:
         raise AutocompError(f"the cross compiler {compiler} of profile {profile.name} is not installed")
     path = job.folder / "model.so"
     untuned = profile.latency.method == "estimate"  # no device to tune on: TVM's default schedules
-    executable = compile_model(job.model, job.input_shape, profile, untuned=untuned)
+    # The schedules a search measured: tuned ones, and for workloads the database lacks, the
+    # transferred ones its trials ran (a workload no neighbour fits is tuned).
+    executable = compile_model(job.model, job.input_shape, profile, untuned=untuned, new_workloads="transfer")
+    kernels = schedules_label(profile, untuned)
     options = list(profile.export.cflags) or None
     if compiler:
         fcompile = tvm.support.cc.cross_compiler(compiler, options=options)
@@ -274,7 +277,7 @@ def write_shared_library(job: ExportJob) -> list[Artefact]:
         executable.export_library(str(path), options=options)
     usage = ("tvm.runtime.load_module(path), then tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())['main'](x); "
              f"needs TVM runtime {tvm.__version__} for {arch}")
-    details = {"arch": arch, "tvm_target": profile.tvm_target, "kernels": tuning_label(profile, untuned)}
+    details = {"arch": arch, "tvm_target": profile.tvm_target, "kernels": kernels}
     try:
         runtime = runtime_for(arch, compiler)
     except RuntimeUnavailable as reason:

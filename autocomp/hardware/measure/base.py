@@ -22,6 +22,11 @@ class Latency:
     samples: int
     kind: str  # "measured" or "estimated"
     provenance: str
+    # Reference-relative figures: the ratio to the reference in the same rounds, the raw
+    # median, the reference's median, its baseline and level (``measure.reference``).
+    reference: dict | None = None
+    noisy: str | None = None  # what made the figure untrustworthy, when it never settled
+    attempts: int = 1
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -31,6 +36,12 @@ class Measurer(Protocol):
     """Anything that can give a model's latency on a target."""
 
     def measure(self, model: nn.Module, input_shape: tuple[int, ...]) -> Latency: ...
+
+    def set_reference(self, model: nn.Module, input_shape: tuple[int, ...],
+                      baseline_s: float | None = None) -> Latency:
+        """Keep ``model`` as the reference later measurements are timed beside (where the
+        measurer supports it); returns its own latency, the run's baseline."""
+        ...
 
     def close(self) -> None: ...
 

@@ -59,6 +59,11 @@ class CudaMeasurer:
         self.device_id = device_id
         self._worker = WorkerProcess("autocomp.hardware.measure.cuda", "CUDA timing worker", attempts=1)
 
+    def set_reference(self, model, input_shape: tuple[int, ...], baseline_s: float | None = None):
+        """The reference's latency, timed plainly: GPU figures are not reference-relative yet (the
+        A/B protocol of ``measure.reference`` runs on CPUs, here and through RPC)."""
+        return self.measure(model, input_shape)
+
     def measure(self, model, input_shape: tuple[int, ...]):
         executable = compile_cuda(model, input_shape, self.profile)
         with tempfile.TemporaryDirectory(prefix="autocomp-cuda-") as tmp:

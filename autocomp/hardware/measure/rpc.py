@@ -23,9 +23,9 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -37,8 +37,10 @@ from torch import nn
 
 from autocomp.core.errors import AutocompError
 from autocomp.hardware.compile.lower import compile_model
-from autocomp.hardware.compile.tune import tuning_label
+from autocomp.hardware.compile.tune import schedules_label, tuning_label
+from autocomp.hardware.measure import reference as ab
 from autocomp.hardware.measure.base import Latency
+from autocomp.hardware.measure.load import Load
 from autocomp.hardware.profiles import HardwareProfile, RpcSettings
 
 LOOPBACK = "127.0.0.1"
@@ -237,43 +239,73 @@ def _first_line(err: BaseException) -> str:
 
 
 class RPCMeasurer:
-    """Compiles for the profile's target and times the module on a device handed out by a tracker."""
+    """Compiles for the profile's target and times the module on a device handed out by a
+    tracker; after ``set_reference`` each measurement alternates it with the reference on
+    the same device in the same session (``autocomp.hardware.measure.reference``)."""
 
-    def __init__(self, profile: HardwareProfile) -> None:
+    def __init__(self, profile: HardwareProfile, new_workloads: str = "tune") -> None:
         if profile.latency.rpc is None:
             raise AutocompError(f"target {profile.name}: latency.rpc (tracker and key) is not set")
         self.profile = profile
+        self.new_workloads = new_workloads  # as in ``LocalMeasurer``
         self.settings = profile.latency.rpc
         self.failures: list[str] = []  # reasons of the attempts retried in the last measurement
+        self._reference: ab.Reference | None = None
+        self._reference_dir: Path | None = None
+        self._schedules = tuning_label(profile)  # of the last compile; a library timed alone keeps it
+
+    def set_reference(self, model: nn.Module, input_shape: tuple[int, ...],
+                      baseline_s: float | None = None) -> Latency:
+        """Compile ``model`` as the reference and time it against itself on the device; later
+        figures are reference-relative (see ``LocalMeasurer.set_reference``)."""
+        self.close()
+        self._reference_dir = Path(tempfile.mkdtemp(prefix="autocomp-rpc-reference-"))
+        library = export_for_device(compile_model(model, input_shape, self.profile), self._reference_dir,
+                                    self.profile)
+        self._schedules = schedules_label(self.profile)
+        attempt, attempts = ab.timed(lambda: self._rounds(library, input_shape, library), None,
+                                     _no_watch, _device_load)
+        level = ab.summarise(attempt, attempts, None, "").median_s
+        self._reference = ab.Reference(level, baseline_s or level)
+        return ab.summarise(attempt, attempts, self._reference, self._label("reference against itself"))
 
     def measure(self, model: nn.Module, input_shape: tuple[int, ...]) -> Latency:
-        executable = compile_model(model, input_shape, self.profile)
+        executable = compile_model(model, input_shape, self.profile, new_workloads=self.new_workloads)
+        self._schedules = schedules_label(self.profile)
         with tempfile.TemporaryDirectory(prefix="autocomp-rpc-") as tmp:
             library = export_for_device(executable, Path(tmp), self.profile)
             return self.time_library(library, input_shape)
 
     def time_library(self, library: Path, input_shape: tuple[int, ...]) -> Latency:
-        """Time an exported library on the device, with a fresh session for each retry."""
+        """Time an exported library on the device (beside the reference when one is set)."""
+        reference = self._reference_dir / "model.so" if self._reference_dir is not None else None
+        attempt, attempts = ab.timed(lambda: self._rounds(library, input_shape, reference), self._reference,
+                                     _no_watch, _device_load)
+        return ab.summarise(attempt, attempts, self._reference, self._label())
+
+    def close(self) -> None:
+        """Drop the reference; no session is held between measurements (each gets its own)."""
+        if self._reference_dir is not None:
+            shutil.rmtree(self._reference_dir, ignore_errors=True)
+        self._reference_dir, self._reference = None, None
+
+    def _rounds(self, library: Path, input_shape: tuple[int, ...], reference: Path | None) -> ab.Rounds:
+        """One timed attempt, with a fresh session for each retry of a failing device."""
         self.failures = []
         attempts = self.settings.retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                seconds = self._time_once(library, input_shape)
+                return self._time_once(library, input_shape, reference)
             except Exception as err:  # a dropped device surfaces as many error types
                 reason = str(err) if isinstance(err, DeviceFailure) else _first_line(err)
                 self.failures.append(reason)
                 log.warning("RPC measurement on key %s failed (attempt %d of %d): %s",
                             self.settings.key, attempt, attempts, reason)
-                continue
-            return self._summarise(seconds)
         raise AutocompError(f"RPC device {self.settings.key!r} via tracker {self.settings.tracker_host}:"
                             f"{self.settings.tracker_port} failed {attempts} times; last: "
                             f"{self.failures[-1]}")
 
-    def close(self) -> None:
-        """Nothing is held between measurements: each one gets its session from the tracker."""
-
-    def _time_once(self, library: Path, input_shape: tuple[int, ...]) -> list[float]:
+    def _time_once(self, library: Path, input_shape: tuple[int, ...], reference: Path | None) -> ab.Rounds:
         import numpy as np
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -281,30 +313,48 @@ class RPCMeasurer:
         session = request_session(self.settings)
         stage = "uploading the library"
         try:
-            session.upload(str(library))
+            # The reference travels under its own name; timed against itself, the one
+            # library is loaded twice.
+            uploads = {"model.so": library}
+            if reference is not None and reference != library:
+                uploads["reference.so"] = reference
+            for name, path in uploads.items():
+                session.upload(str(path), target=name)
             stage = "loading the module"
             device = session.device(self.profile.latency.device)
-            vm = VirtualMachine(session.load_module(library.name), device)
+            names = ["model.so", *([] if reference is None else [list(uploads)[-1]])]
+            vms = [VirtualMachine(session.load_module(name), device) for name in names]
             stage = "running the model"
             data = np.random.default_rng(0).standard_normal(input_shape).astype("float32")
-            vm.set_input("main", tvm.runtime.tensor(data, device))
-            vm.invoke_stateful("main")  # warm-up: first touch of weights and workspace
-            stage = "timing the model"
             lat = self.profile.latency
-            evaluator = vm.time_evaluator("invoke_stateful", device, number=1, repeat=lat.repeat,
-                                          min_repeat_ms=lat.min_repeat_ms)
-            return list(evaluator("main").results)
+            evaluators = []
+            for vm in vms:
+                vm.set_input("main", tvm.runtime.tensor(data, device))
+                vm.invoke_stateful("main")  # warm-up: first touch of weights and workspace
+                evaluators.append(vm.time_evaluator("invoke_stateful", device, number=1, repeat=1,
+                                                    min_repeat_ms=lat.min_repeat_ms))
+            stage = "timing the model"
+            readings: list[list[float]] = [[] for _ in vms]
+            for _ in range(lat.repeat):
+                for evaluator, seconds in zip(evaluators, readings, strict=True):
+                    seconds.append(evaluator("main").results[0])
         except Exception as err:
             raise DeviceFailure(f"device failed while {stage}: {_first_line(err)}") from err
+        return ab.Rounds(readings[0], readings[1] if len(readings) > 1 else [])
 
-    def _summarise(self, seconds: list[float]) -> Latency:
-        deciles = statistics.quantiles(seconds, n=10, method="inclusive")
+    def _label(self, what: str = "") -> str:
         rpc = self.settings
-        provenance = (f"measured ({self.profile.name} via RPC tracker {rpc.tracker_host}:{rpc.tracker_port} "
-                      f"key {rpc.key}: TVM {self.profile.target_text()}, {tuning_label(self.profile)}, "
-                      f"median of {len(seconds)})")
-        return Latency(statistics.median(seconds), deciles[0], deciles[-1], len(seconds),
-                       "measured", provenance)
+        label = (f"{self.profile.name} via RPC tracker {rpc.tracker_host}:{rpc.tracker_port} key {rpc.key}: "
+                 f"TVM {self.profile.target_text()}, {self._schedules}")
+        return label + (f", {what}" if what else "")
+
+
+def _no_watch() -> None:
+    return None
+
+
+def _device_load(before: None, after: None) -> Load:
+    return Load("the device's load is not visible through RPC", False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,24 +14,65 @@ from collections.abc import Callable
 
 from autocomp.core.errors import AutocompError
 
+CPUS_VARIABLE = "AUTOCOMP_TIMING_CPUS"
 
-def _time(request: dict) -> dict:
-    import numpy as np
+
+def timing_cpus(threads: int) -> list[int]:
+    """The CPUs a worker timing with ``threads`` threads is pinned to: the last ``threads`` of
+    those this process may use (the first CPU takes most interrupts)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return allowed[-threads:] if threads <= len(allowed) else allowed
+
+
+_loaded: dict[str, object] = {}  # the reference's VM, kept loaded between requests
+
+
+def _vm(library: str, device, keep: bool = False):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
+    if library in _loaded:
+        return _loaded[library]
+    vm = VirtualMachine(tvm.runtime.load_module(library), device)
+    if keep:
+        _loaded.clear()
+        _loaded[library] = vm
+    return vm
+
+
+def _time(request: dict) -> dict:
+    """Time ``library`` in ``rounds`` rounds; with a ``reference`` library, each round times the
+    candidate and then the reference (A B A B ...), so both see the same machine."""
+    import numpy as np
+    import tvm
+
     device = tvm.cpu()
-    vm = VirtualMachine(tvm.runtime.load_module(request["library"]), device)
     data = np.random.default_rng(0).standard_normal(request["shape"]).astype("float32")
     tensor = tvm.runtime.tensor(data, device)
-    vm["main"](tensor)  # warm-up: first-touch of weights and workspace
-    evaluator = vm.time_evaluator("main", device, number=1, repeat=request["repeat"],
-                                  min_repeat_ms=request["min_repeat_ms"])
-    return {"ok": True, "seconds": list(evaluator(tensor).results)}
+    modules = [_vm(request["library"], device)]
+    if request.get("reference"):
+        modules.append(_vm(request["reference"], device, keep=True))
+    evaluators = []
+    for vm in modules:
+        vm["main"](tensor)  # warm-up: first-touch of weights and workspace
+        evaluators.append(vm.time_evaluator("main", device, number=1, repeat=1,
+                                            min_repeat_ms=request["min_repeat_ms"]))
+    readings: list[list[float]] = [[] for _ in modules]
+    for _ in range(request["rounds"]):
+        for evaluator, seconds in zip(evaluators, readings, strict=True):
+            seconds.append(evaluator(tensor).results[0])
+    return {"ok": True, "candidate": readings[0], "reference": readings[1] if len(readings) > 1 else []}
 
 
 def serve(handle: Callable[[dict], dict]) -> None:
-    """Answer JSON requests from stdin, one reply line each; a failure is a reply, not an exit."""
+    """Answer JSON requests from stdin, one reply line each; a failure is a reply, not an exit.
+
+    The process first pins itself to the CPUs listed in ``AUTOCOMP_TIMING_CPUS`` (its
+    parent chose them), before TVM starts its threads.
+    """
+    cpus = os.environ.get(CPUS_VARIABLE)
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
     for line in sys.stdin:
         try:
             reply = handle(json.loads(line))
@@ -51,22 +92,35 @@ class WorkerProcess:
     def __init__(self, module: str, name: str, *, threads: int | None = None, attempts: int = 2) -> None:
         self.module, self.name, self.attempts = module, name, attempts
         # Threads that spin while waiting steal the CPU from the timed module (a value the
-        # user sets wins); TVM_NUM_THREADS must be fixed before TVM starts in the worker.
-        self.env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+        # user sets wins). TVM binds each pool thread to one core by default: when another
+        # process holds that core, the other threads spin at every barrier until the
+        # scheduler gives it a slice, which made one measurement 200x slower (36-52 ms
+        # instead of 0.2 ms with a busy loop on one of 2 cores, 0.5-1.1 ms unbound). The
+        # process is pinned to its CPUs instead and the threads float among them.
+        # TVM_NUM_THREADS must be fixed before TVM starts in the worker.
+        self.env = {"OMP_WAIT_POLICY": "PASSIVE", "TVM_BIND_THREADS": "0", **os.environ}
         if threads is not None:
             self.env.update(TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+            cpus = timing_cpus(threads)
+            if cpus:
+                self.env[CPUS_VARIABLE] = ",".join(map(str, cpus))
         self._process: subprocess.Popen | None = None
+
+    def start(self) -> subprocess.Popen:
+        """The running worker process, started now when there is none (or it died)."""
+        if self._process is None or self._process.poll() is not None:
+            self._process = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True, env=self.env)
+        return self._process
 
     def ask(self, request: dict) -> dict:
         """The worker's reply to ``request`` (``ok`` false when the request failed in it)."""
         for _ in range(self.attempts):
-            if self._process is None or self._process.poll() is not None:
-                self._process = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
-                                                 stdout=subprocess.PIPE, text=True, env=self.env)
+            process = self.start()
             try:
-                self._process.stdin.write(json.dumps(request) + "\n")
-                self._process.stdin.flush()
-                line = self._process.stdout.readline()
+                process.stdin.write(json.dumps(request) + "\n")
+                process.stdin.flush()
+                line = process.stdout.readline()
             except BrokenPipeError:
                 line = ""
             if line:

@@ -40,9 +40,9 @@ class FinalFront:
 
 def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSettings, run_dir: Path,
              data: DataSplits, measurers: MeasurerPool) -> FinalFront:
-    """Re-measure the front end to end and score it on the test split (which no choice
-    ever used), then write front.json, pareto.csv, pareto.png and the report, and log the
-    front as a table."""
+    """Re-measure the front end to end (with the schedules its trials ran, which the export
+    uses too) and score it on the test split (which no choice ever used), then write
+    front.json, pareto.csv, pareto.png and the report, and log the front as a table."""
     if not results:
         raise AutocompError("no trial finished, so there is no Pareto front")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -99,12 +99,15 @@ def format_rows(rows: list[dict], baseline_s: float) -> str:
     lines = [f"{'trial':>5}  {'val acc':>7}  {'test acc':>8}  {'latency':>10}  {'search':>10}  "
              f"{'speedup':>7}  {'size':>9}  plan"]
     for row in rows:
-        latency = (row["remeasured_latency"] or row["search_latency"])["median_s"]
+        figure = row["remeasured_latency"] or row["search_latency"]
+        latency = figure["median_s"]
         test = f"{row['test_acc']:.2%}" if row["test_acc"] is not None else "-"
         label = f" ({row['label']})" if row.get("label") else ""
         lines.append(f"{row['number']:>5}  {row['val_acc']:>7.2%}  {test:>8}  "
-                     f"{format_seconds(latency):>10}  "
+                     f"{format_seconds(latency) + ('*' if figure.get('noisy') else ''):>10}  "
                      f"{format_seconds(row['search_latency']['median_s']):>10}  "
                      f"{baseline_s / latency:>6.2f}x  {format_bytes(row['size_bytes']):>9}  "
                      f"{row['plan_summary']}{label}")
+    if any((row["remeasured_latency"] or row["search_latency"]).get("noisy") for row in rows):
+        lines.append("* noisy: the figure never settled (see its provenance in front.json)")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ class TrialResult:
     test_acc: float | None = None
     label: str | None = None  # warm-start baselines and seeds ("uniform int8"); None when sampled
     deploy: dict[str, Any] = field(default_factory=dict)  # deployment knobs, e.g. {"threads": 2}
+    noisy: str | None = None  # why the latency never settled, when it did not (``Latency.noisy``)
 
 
 def collect(study: optuna.Study) -> list[TrialResult]:
@@ -42,7 +43,7 @@ def collect(study: optuna.Study) -> list[TrialResult]:
             trial.number, attrs["val_acc"], latency["median_s"], latency["p10_s"],
             latency["p90_s"], latency["provenance"], attrs["params"], attrs["macs"],
             attrs["size_bytes"], attrs["feasible"], attrs["plan_summary"],
-            label=attrs.get("label"), deploy=dict(attrs.get("deploy") or {})))
+            label=attrs.get("label"), deploy=dict(attrs.get("deploy") or {}), noisy=latency.get("noisy")))
     return results
 
 
@@ -110,9 +111,12 @@ def format_table(rows: list[TrialResult], baseline_latency_s: float | None = Non
             again = f"{format_seconds(remeasured_s[r.number]) if r.number in remeasured_s else '-':>11}  "
         plan = f"{r.label}: {r.plan_summary}" if r.label and r.label != r.plan_summary else r.plan_summary
         lines.append(
-            f"{r.number:>5}  {r.val_acc:>7.2%}  {test:>8}  {format_seconds(r.latency_s):>10}  "
+            f"{r.number:>5}  {r.val_acc:>7.2%}  {test:>8}  "
+            f"{format_seconds(r.latency_s) + ('*' if r.noisy else ''):>10}  "
             f"{spread:>17}  {again}{speedup:>7}  {format_count(r.params):>7}  {format_count(r.macs):>7}  "
             f"{format_bytes(r.size_bytes):>8}  {'ok' if r.feasible else 'over':>6}  {plan}")
+    if any(r.noisy for r in rows):
+        lines.append("* noisy: the figure never settled (its provenance says what was seen)")
     return "\n".join(lines)
 
 

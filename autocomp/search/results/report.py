@@ -187,7 +187,7 @@ def _spread(latency: dict[str, Any] | None) -> str:
     if not latency:
         return "-"
     return (f"{format_seconds(latency['median_s'])} ({format_seconds(latency['p10_s'])}-"
-            f"{format_seconds(latency['p90_s'])})")
+            f"{format_seconds(latency['p90_s'])})" + (" noisy" if latency.get("noisy") else ""))
 
 
 def _name(r: TrialResult) -> str:
@@ -314,7 +314,8 @@ def _warm_section(view: RunView) -> str:
     for r in sorted(warm, key=lambda r: r.number):
         versus = (f"{(r.val_acc - best.val_acc) * 100:+.1f} pt, "
                   f"{r.latency_s / best.latency_s:.2f}x its latency" if best else "-")
-        rows.append([r.number, r.label, _pct(r.val_acc), format_seconds(r.latency_s),
+        latency = format_seconds(r.latency_s) + (" noisy" if r.noisy else "")
+        rows.append([r.number, r.label, _pct(r.val_acc), latency,
                      f"{view.baseline_s / r.latency_s:.2f}x", format_bytes(r.size_bytes),
                      "yes" if r.feasible else "no", versus])
     text = _table(["trial", "baseline", "val acc", "latency", "speedup", "size", "within budget",
