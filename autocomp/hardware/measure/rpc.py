@@ -254,6 +254,10 @@ class RPCMeasurer:
         self._reference_dir: Path | None = None
         self._schedules = tuning_label(profile)  # of the last compile; a library timed alone keeps it
 
+    @property
+    def reference(self) -> ab.Reference | None:
+        return self._reference
+
     def set_reference(self, model: nn.Module, input_shape: tuple[int, ...],
                       baseline_s: float | None = None) -> Latency:
         """Compile ``model`` as the reference and time it against itself on the device; later
