@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from autocomp.core.inventory import build_inventory
 from autocomp.hardware.compile.int8 import integer_model
 from autocomp.hardware.compile.lower import to_relax
 from autocomp.hardware.compile.tune import compile_tuned, last_report, tuning_label
+from autocomp.hardware.measure.timer_worker import time_in_fresh_worker
 from autocomp.hardware.profiles import load_profile
 from autocomp.intake.models import build_model
 from autocomp.methods.apply import apply_plan
@@ -90,14 +90,7 @@ def _compile(model: torch.nn.Module, shape: tuple[int, ...], profile, untuned: b
 def _time(library: Path, shape: tuple[int, ...], threads: int) -> list[float]:
     """Samples (seconds) from a fresh timing worker process."""
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    request = json.dumps({"library": str(library), "shape": list(shape), "rounds": 15, "min_repeat_ms": 200})
-    done = subprocess.run([sys.executable, "-m", "autocomp.hardware.measure.timer_worker"],
-                          input=request + "\n", capture_output=True, text=True, env=env, timeout=1800,
-                          check=True)
-    reply = json.loads(done.stdout.splitlines()[-1])
-    if not reply["ok"]:
-        raise RuntimeError(reply["error"])
-    return reply["candidate"]
+    return time_in_fresh_worker(str(library), list(shape), rounds=15, min_repeat_ms=200, env=env)
 
 
 def bench_model(spec: str, args: argparse.Namespace, profile, folder: Path) -> dict:

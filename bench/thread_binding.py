@@ -15,10 +15,10 @@ import json
 import multiprocessing
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from autocomp.hardware.measure.timer_worker import time_in_fresh_worker
 
 
 def _spin(cpu: int) -> None:
@@ -31,14 +31,8 @@ def _time(library: Path, shape: tuple[int, ...], threads: int, bind: str) -> flo
     """Median seconds of one timing request in a fresh worker with TVM_BIND_THREADS=``bind``."""
     env = {key: value for key, value in os.environ.items() if key != "AUTOCOMP_TIMING_CPUS"}
     env.update(TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), TVM_BIND_THREADS=bind)
-    request = json.dumps({"library": str(library), "shape": list(shape), "rounds": 9, "min_repeat_ms": 40})
-    done = subprocess.run([sys.executable, "-m", "autocomp.hardware.measure.timer_worker"],
-                          input=request + "\n", capture_output=True, text=True, env=env, timeout=600,
-                          check=True)
-    reply = json.loads(done.stdout.splitlines()[-1])
-    if not reply["ok"]:
-        raise RuntimeError(reply["error"])
-    return statistics.median(reply["candidate"])
+    return statistics.median(time_in_fresh_worker(str(library), list(shape), rounds=9, min_repeat_ms=40,
+                                                  env=env, timeout_s=600))
 
 
 def main() -> None:

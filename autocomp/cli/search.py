@@ -11,6 +11,7 @@ DEMO_MODEL = "demo-resnet"
 DEMO_DATA = "fashion-mnist"
 DEMO_TRIALS = 12
 DEMO_BUDGET = "70%"
+DEMO_BASELINE_EPOCHS = 2
 
 
 def add_search_command(commands: argparse._SubParsersAction) -> None:
@@ -61,8 +62,10 @@ def add_search_command(commands: argparse._SubParsersAction) -> None:
                         help="training images fine-tuning draws from (default 20000)")
     search.add_argument("--val-subset", type=int,
                         help="validation images each trial is scored on (default: all)")
-    search.add_argument("--baseline-epochs", type=int, default=4,
-                        help="epochs to train the baseline when no --weights are given")
+    search.add_argument("--baseline-epochs", type=int,
+                        help=f"epochs to train the baseline when no --weights are given (default 4; "
+                             f"demo: {DEMO_BASELINE_EPOCHS}, which reaches about 90%% on Fashion-MNIST in "
+                             "a minute on 2 cores)")
     search.add_argument("--no-export", action="store_true",
                         help="demo only: skip exporting the best trial")
     search.add_argument("--runs-dir", type=Path, default=Path("runs"))
@@ -77,9 +80,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     demo = args.model is None and args.data is None
     trials = args.trials if args.trials is not None else (DEMO_TRIALS if demo else 20)
+    epochs = (args.baseline_epochs if args.baseline_epochs is not None
+              else DEMO_BASELINE_EPOCHS if demo else 4)
     for value, option in ((trials, "--trials"), (args.finetune_steps, "--finetune-steps"),
                           (args.train_subset, "--train-subset"), (args.val_subset, "--val-subset"),
-                          (args.baseline_epochs, "--baseline-epochs")):
+                          (epochs, "--baseline-epochs")):
         positive(value, option)
     if args.no_finetune and args.finetune_steps:
         raise AutocompError("--no-finetune and --finetune-steps contradict each other")
@@ -93,7 +98,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         finetune_steps=args.finetune_steps, sensitivity=not args.no_sensitivity,
         warm_start=not args.no_warm_start, latency_table=args.latency_table,
         trial_schedules=args.trial_schedules, seed=args.seed,
-        train_subset=args.train_subset, val_subset=args.val_subset, baseline_epochs=args.baseline_epochs,
+        train_subset=args.train_subset, val_subset=args.val_subset, baseline_epochs=epochs,
         runs_dir=args.runs_dir)
     setup_torch()
     silence_optuna()

@@ -37,7 +37,7 @@ class MeasurerPool:
         self._shape = input_shape
         self._baseline_s: float | None = None
         self._new_workloads = new_workloads
-        self._references: dict[int, Latency] = {}
+        self._baseline: Latency | None = None  # the reference timed against itself, own setting
         self._pool: dict[int, tuple[HardwareProfile, Measurer, LatencyTable | None]] = {}
 
     def get(self, deploy: dict) -> tuple[HardwareProfile, Measurer, LatencyTable | None]:
@@ -50,8 +50,10 @@ class MeasurerPool:
             measurer = make_measurer(profile)
             if self._reference is not None:  # the reference is tuned, whatever trials do
                 own = threads == self.profile.latency.threads
-                self._references[threads] = measurer.set_reference(
-                    self._reference, self._shape, baseline_s=self._baseline_s if own else None)
+                figure = measurer.set_reference(self._reference, self._shape,
+                                                baseline_s=self._baseline_s if own else None)
+                if own:
+                    self._baseline = figure
             # The table's predictions are checked at the profile's own thread count only:
             # each other setting would time every kernel again.
             table = (LatencyTable(profile) if self.check_table and isinstance(measurer, LocalMeasurer)
@@ -66,7 +68,8 @@ class MeasurerPool:
         if self._reference is None:
             raise ValueError("the pool has no reference model")
         self.get({})
-        return self._references[self.profile.latency.threads]
+        assert self._baseline is not None
+        return self._baseline
 
     def anchor(self, baseline_s: float) -> None:
         """Scale the profile's own setting to ``baseline_s`` (the run's stored baseline, which a
@@ -86,7 +89,7 @@ class MeasurerPool:
             if table is not None:
                 table.close()
         self._pool.clear()
-        self._references.clear()
+        self._baseline = None
 
 
 def _set_new_workloads(measurer: Measurer, mode: str) -> None:

@@ -80,29 +80,42 @@ def _replay(record, mod, postprocs):
     return schedule
 
 
-def _matches(scheduled, mod, target) -> bool:
-    """The scheduled kernel computes what the unscheduled one does, on random inputs."""
-    import numpy as np
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
+class _Check:
+    """Random inputs for one workload and its unscheduled kernel's outputs on them (computed on
+    first use, once per workload), against which transferred schedules are checked."""
 
-    rng = np.random.default_rng(0)
-    arrays = []
-    for dtype, shape in _arg_shapes(ms.arg_info.ArgInfo.from_prim_func(mod["main"])):
-        if dtype.startswith("float"):
-            arrays.append(rng.standard_normal(shape).astype(dtype))
-        else:
-            arrays.append(rng.integers(-8, 8, shape).astype(dtype))
-    outputs = []
-    for module in (scheduled, mod):
-        tensors = [tvm.runtime.tensor(array.copy()) for array in arrays]
-        tvm.compile(module, target=target)["main"](*tensors)
-        outputs.append([tensor.numpy() for tensor in tensors])
-    for got, want in zip(*outputs, strict=True):
-        scale = max(float(np.abs(want).max()), 1.0)
-        if float(np.abs(got.astype("float64") - want.astype("float64")).max()) > TOLERANCE * scale:
-            return False
-    return True
+    def __init__(self, mod, target) -> None:
+        import numpy as np
+        from tvm.s_tir import meta_schedule as ms
+
+        self.mod, self.target = mod, target
+        rng = np.random.default_rng(0)
+        self.arrays = []
+        for dtype, shape in _arg_shapes(ms.arg_info.ArgInfo.from_prim_func(mod["main"])):
+            if dtype.startswith("float"):
+                self.arrays.append(rng.standard_normal(shape).astype(dtype))
+            else:
+                self.arrays.append(rng.integers(-8, 8, shape).astype(dtype))
+        self._expected: list | None = None
+
+    def _run(self, module) -> list:
+        import tvm
+
+        tensors = [tvm.runtime.tensor(array.copy()) for array in self.arrays]
+        tvm.compile(module, target=self.target)["main"](*tensors)
+        return [tensor.numpy() for tensor in tensors]
+
+    def matches(self, scheduled) -> bool:
+        """The scheduled kernel computes what the unscheduled one does."""
+        import numpy as np
+
+        if self._expected is None:
+            self._expected = self._run(self.mod)
+        for got, want in zip(self._run(scheduled), self._expected, strict=True):
+            scale = max(float(np.abs(want).max()), 1.0)
+            if float(np.abs(got.astype("float64") - want.astype("float64")).max()) > TOLERANCE * scale:
+                return False
+        return True
 
 
 def transfer(tasks: list, tuned, store, target) -> dict[str, Transfer]:
@@ -122,12 +135,13 @@ def transfer(tasks: list, tuned, store, target) -> dict[str, Transfer]:
         context = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply",
                                  task_name=task.task_name)
         postprocs = context.space_generator.postprocs
+        check = _Check(mod, target)
         for distance, record in near[:CANDIDATES]:
             schedule = _replay(record, mod, postprocs)
             if schedule is None:
                 continue
             try:
-                fits = _matches(schedule.mod, mod, target)
+                fits = check.matches(schedule.mod)
             except Exception as err:
                 logger.debug("transfer to %s failed to build: %s", task.task_name, err)
                 fits = False

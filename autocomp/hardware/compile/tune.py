@@ -22,6 +22,7 @@ at a time (a second waits, then reuses what the first tuned), which also keeps
 two tuners from disturbing each other's timings on one machine.
 """
 
+import atexit
 import fcntl
 import functools
 import importlib
@@ -292,7 +293,24 @@ def _transferred(missing: list, profile: HardwareProfile, folder: Path) -> set[s
     return have
 
 
+# Opened databases by folder, with the files' (mtime, size) they were read at: parsing the
+# JSON takes 0.2-0.3 s, and a compile opens the database several times. Any write (here or
+# by another process) changes the files, so the next open reads them again.
+_opened: dict[Path, tuple[tuple, object]] = {}
+
+
 def _open_database(folder: Path):
+    stamp = tuple((path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+                  for path in (folder / WORKLOADS, folder / RECORDS))
+    cached = _opened.get(folder)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    database = _read_database(folder)
+    _opened[folder] = (stamp, database)
+    return database
+
+
+def _read_database(folder: Path):
     from tvm.s_tir import meta_schedule as ms
 
     try:
@@ -372,22 +390,43 @@ def _search(tasks: list, profile: HardwareProfile):
         for index, task in enumerate(tasks)
     ]
     memory = ms.database.MemoryDatabase(module_equality=_MODULE_EQUALITY)
-    with (_environment(TVM_NUM_THREADS=str(profile.latency.threads)),
+    builder, runner = _workers(profile, cores)
+    with (_environment(TVM_NUM_THREADS=str(profile.latency.threads)),  # for restarted workers too
           _progress(tasks, trials) as progress,
           tempfile.TemporaryDirectory(prefix="autocomp-tune-") as work_dir):
-        builder = _builder(profile, cores)
-        try:
-            ms.tune.tune_tasks(
-                tasks=contexts, task_weights=[float(task.weight) for task in tasks], work_dir=work_dir,
-                max_trials_global=trials * len(tasks), max_trials_per_task=trials,
-                num_trials_per_iter=min(trials, 64), builder=builder, runner=_runner(profile),
-                database=memory, cost_model="xgb" if evolve else "random",
-                measure_callbacks=[*callbacks, progress],
-                task_scheduler="round-robin", module_equality=_MODULE_EQUALITY,
-            )
-        finally:
-            builder.close()
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=[float(task.weight) for task in tasks], work_dir=work_dir,
+            max_trials_global=trials * len(tasks), max_trials_per_task=trials,
+            num_trials_per_iter=min(trials, 64), builder=builder, runner=runner,
+            database=memory, cost_model="xgb" if evolve else "random",
+            measure_callbacks=[*callbacks, progress],
+            task_scheduler="round-robin", module_equality=_MODULE_EQUALITY,
+        )
     return memory
+
+
+# Builders and runners by measuring setting, kept for the life of the process: their worker
+# processes take 7-9 s each to start (importing TVM), more than tuning a few workloads.
+_started: dict[tuple, tuple] = {}
+
+
+def _workers(profile: HardwareProfile, cores: int) -> tuple:
+    """The (builder, runner) for ``profile``, started on first use (the runner's worker with
+    the profile's ``TVM_NUM_THREADS``) and shut down when the process exits."""
+    lat = profile.latency
+    key = (lat.method, lat.threads, repr(lat.rpc), profile.export.cross_compiler, cores)
+    if key not in _started:
+        if not _started:
+            atexit.register(_stop_workers)
+        with _environment(TVM_NUM_THREADS=str(lat.threads)):
+            _started[key] = (_builder(profile, cores), _runner(profile))
+    return _started[key]
+
+
+def _stop_workers() -> None:
+    for builder, _ in _started.values():
+        builder.close()
+    _started.clear()
 
 
 def _builder(profile: HardwareProfile, cores: int):

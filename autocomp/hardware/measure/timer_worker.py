@@ -68,8 +68,11 @@ def serve(handle: Callable[[dict], dict]) -> None:
     """Answer JSON requests from stdin, one reply line each; a failure is a reply, not an exit.
 
     The process first pins itself to the CPUs listed in ``AUTOCOMP_TIMING_CPUS`` (its
-    parent chose them), before TVM starts its threads.
+    parent chose them), before TVM starts its threads, and keeps PyTorch out.
     """
+    # TVM's FFI imports PyTorch whenever it is installed (5 s of a worker's start here); the
+    # workers only load and run compiled modules, so they make it unimportable.
+    sys.modules.setdefault("torch", None)
     cpus = os.environ.get(CPUS_VARIABLE)
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
@@ -80,6 +83,20 @@ def serve(handle: Callable[[dict], dict]) -> None:
             reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+
+
+def time_in_fresh_worker(library: str, shape: list[int], *, rounds: int, min_repeat_ms: int,
+                         env: dict[str, str], timeout_s: float = 1800) -> list[float]:
+    """Seconds per round of ``library`` timed alone by a new worker process started with ``env``
+    (benchmarks comparing thread settings, where each setting needs its own process)."""
+    request = {"library": library, "shape": shape, "rounds": rounds, "min_repeat_ms": min_repeat_ms}
+    done = subprocess.run([sys.executable, "-m", "autocomp.hardware.measure.timer_worker"],
+                          input=json.dumps(request) + "\n", capture_output=True, text=True, env=env,
+                          timeout=timeout_s, check=True)
+    reply = json.loads(done.stdout.splitlines()[-1])
+    if not reply["ok"]:
+        raise AutocompError(f"timing failed: {reply['error']}")
+    return reply["candidate"]
 
 
 class WorkerProcess:

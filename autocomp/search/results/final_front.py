@@ -65,8 +65,7 @@ def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSetti
             row["note"] = "weights saved by another worker's machine: not re-measured here"
         rows.append(row)
     final = FinalFront(bool(front), rows, run_dir / "front.json")
-    provenance = next((r["remeasured_latency"]["provenance"] for r in rows if r["remeasured_latency"]),
-                      results[0].provenance)
+    provenance = _common_provenance(rows, measurers.profile.how())
     write_json(final.path, {"feasible": final.feasible, "provenance": provenance,
                              "budget_s": settings.baseline.get("budget_s"), "trials": rows})
     write_csv(chosen, run_dir / "pareto.csv")
@@ -92,6 +91,16 @@ def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSetti
     logger.info("\nwrote %s, %s, %s, %s and %s", final.path, run_dir / "pareto.csv", run_dir / "pareto.png",
                 report_md, report_html)
     return final
+
+
+def _common_provenance(rows: list[dict], how: str) -> str:
+    """What the front's figures share, for a heading: how the profile obtains latency, and
+    whether they are reference-relative. Each figure's own label (which schedules its
+    kernels ran, its ratio, any noise) stays with it in front.json."""
+    figures = [row["remeasured_latency"] or row["search_latency"] for row in rows]
+    relative = bool(figures) and all(figure.get("reference") for figure in figures)
+    return how + (", reference-relative (A/B against the uncompressed model)" if relative else "") + \
+        "; each figure's schedules and label in front.json"
 
 
 def format_rows(rows: list[dict], baseline_s: float) -> str:
