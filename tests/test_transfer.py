@@ -64,3 +64,25 @@ def test_unknown_policy_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="new_workloads must be one of"):
         tune.compile_tuned(to_relax(model_a(), SHAPE), host(), new_workloads="guess")
+
+
+def two_new_structures() -> nn.Module:
+    """Two 5x5 convs of different widths: a structure (conv2d + relu with a 5x5 kernel's
+    shapes) model A never tuned, twice."""
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 12, 5, padding=2),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10)).eval()
+
+
+@pytest.mark.slow
+def test_without_neighbours_one_workload_per_structure_is_tuned_and_lends_its_schedule(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path))
+    profile, x = host(), torch.randn(*SHAPE)
+    # an empty database: no workload has a neighbour, so only one per structure is tuned
+    executable = tune.compile_tuned(to_relax(two_new_structures(), SHAPE), profile, new_workloads="transfer")
+    report = tune.last_report()
+    assert report.transferred and not report.unscheduled, report.summary()
+    assert report.tasks_tuned + len(report.transferred) == report.tasks_in_model
+    assert report.tasks_tuned < report.tasks_in_model
+    np.testing.assert_allclose(run(executable, x), two_new_structures()(x).detach().numpy(), atol=1e-5)

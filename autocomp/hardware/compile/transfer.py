@@ -38,6 +38,12 @@ def _arg_shapes(args) -> list[tuple[str, tuple[int, ...]]]:
     return [(str(arg.dtype), tuple(int(x) for x in arg.shape)) for arg in args]
 
 
+def structure(args) -> tuple[tuple[str, int], ...]:
+    """What two workloads must share for one's schedule to be tried on the other: each
+    argument's dtype and rank."""
+    return tuple((dtype, len(shape)) for dtype, shape in _arg_shapes(args))
+
+
 def _distance(old: list[tuple[str, tuple[int, ...]]], new: list[tuple[str, tuple[int, ...]]]) -> float | None:
     """Log distance between two workloads' argument shapes; None when their structures differ."""
     if len(old) != len(new):

@@ -28,6 +28,7 @@ import functools
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import re
 import sys
@@ -239,24 +240,21 @@ def _tune_fused(fused, profile: HardwareProfile, new_workloads: str = "tune"):
     folder = tuning_dir(profile)
     missing = _missing(tasks, folder)
     transferred: set[str] = set()
+    tuned, seconds = 0, 0.0
+    tunable = profile.latency.method != "estimate"
     if missing and new_workloads == "transfer":
         transferred = _transferred(missing, profile, folder)
         missing = [task for task in missing if task.task_name not in transferred]
-    seconds = 0.0
-    tuned = 0
-    if missing and profile.latency.method != "estimate":
-        _check_tunable(profile)
-        tuner_lock = folder / _TUNER_LOCK
-        with _locked(tuner_lock, exclusive=True, waiting=f"another process is tuning into {folder}"):
-            missing = [task for task in _missing(tasks, folder)  # another process may have tuned them
-                       if task.task_name not in transferred]
-            if missing:
-                start = time.perf_counter()
-                found = _search(missing, profile)
-                with _locked(folder / _DB_LOCK, exclusive=True):
-                    _merge(found, missing, folder)
-                seconds = time.perf_counter() - start
-                tuned = len(missing)
+        representatives = _one_per_structure(missing)
+        if tunable and len(representatives) < len(missing):
+            # Tune one workload of each new structure, then give the rest its schedule.
+            tuned, seconds = _tune_now(representatives, tasks, transferred, profile, folder)
+            rest = [task for task in missing if task not in representatives]
+            transferred |= _transferred(rest, profile, folder)
+            missing = [task for task in rest if task.task_name not in transferred]
+    if missing and tunable:
+        count, spent = _tune_now(missing, tasks, transferred, profile, folder)
+        tuned, seconds = tuned + count, seconds + spent
     with _locked(folder / _DB_LOCK, exclusive=False):
         database = _open_database(folder)
         if transferred:
@@ -267,6 +265,41 @@ def _tune_fused(fused, profile: HardwareProfile, new_workloads: str = "tune"):
     _last_report = TuningReport(profile.target_key, len(tasks), tuned, len(tasks) - tuned, seconds,
                                 profile.latency.trials_per_task, unscheduled, tuple(sorted(transferred)))
     return _last_report, database
+
+
+def _tune_now(wanted: list, tasks: list, skip: set[str], profile: HardwareProfile,
+              folder: Path) -> tuple[int, float]:
+    """Tune the ``wanted`` tasks the database still lacks (another process may have tuned
+    some meanwhile), one tuner at a time; returns (tasks tuned, seconds)."""
+    _check_tunable(profile)
+    names = {task.task_name for task in wanted}
+    with _locked(folder / _TUNER_LOCK, exclusive=True, waiting=f"another process is tuning into {folder}"):
+        missing = [task for task in _missing(tasks, folder)
+                   if task.task_name in names and task.task_name not in skip]
+        if not missing:
+            return 0, 0.0
+        start = time.perf_counter()
+        found = _search(missing, profile)
+        with _locked(folder / _DB_LOCK, exclusive=True):
+            _merge(found, missing, folder)
+        return len(missing), time.perf_counter() - start
+
+
+def _one_per_structure(tasks: list) -> list:
+    """One task per op structure (fused op names without their shape numbering, argument
+    dtypes and ranks): the largest, whose tuned schedule the others can borrow."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from autocomp.hardware.compile.transfer import structure
+
+    chosen: dict[tuple, tuple[float, object]] = {}
+    for task in tasks:
+        args = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
+        key = (re.sub(r"\d+", "", task.task_name), structure(args))
+        size = sum(math.log(max(int(x), 1)) for arg in args for x in arg.shape)
+        if key not in chosen or size > chosen[key][0]:
+            chosen[key] = (size, task)
+    return [task for _, task in chosen.values()]
 
 
 def _transferred(missing: list, profile: HardwareProfile, folder: Path) -> set[str]:
