@@ -8,7 +8,7 @@ Its tile sizes are adapted to the new loop extents (each split keeps the neighbo
 inner factors where they divide the extent, the outermost takes the rest), the
 target's post-processors run again, and the kernel is compiled and checked against
 the unscheduled kernel on random inputs. A workload no neighbour fits is left to
-tuning.
+tuning (``tune`` tunes one workload per new op structure, then transfers again).
 
 Transferred schedules live in a database of their own (``transferred/`` in the target's
 tuning folder), so a later real tuning of the workload takes precedence and the label

@@ -16,7 +16,9 @@ and ``MetaScheduleApplyDatabase``: each fused PrimFunc found in the database is
 replaced by its tuned schedule and carries the attribute ``tirx.is_scheduled``.
 ``tvm.compile`` on that module only lowers it (legalization is then a no-op).
 
-Several processes (search workers) may share a database: reads take a shared
+MetaSchedule's build and timing worker processes are started on first use and kept for
+the life of the process (``_workers``): each takes 7-9 s to start, more than tuning a
+few workloads. Several processes (search workers) may share a database: reads take a shared
 ``fcntl`` lock, merging new records takes an exclusive one, and one process tunes
 at a time (a second waits, then reuses what the first tuned), which also keeps
 two tuners from disturbing each other's timings on one machine.
@@ -189,8 +191,9 @@ def lower_for_build(mod, profile: HardwareProfile, *, untuned: bool = False, new
     with no device to tune on (latency method ``estimate``) uses the schedules the
     database has and leaves the rest untuned (listed in the report's ``unscheduled``).
     ``new_workloads="transfer"`` gives workloads the database lacks a schedule transferred
-    from a tuned neighbour instead (``autocomp.hardware.compile.transfer``), tuning only
-    those no neighbour fits; ``"tune"`` tunes them now.
+    from a tuned neighbour instead (``autocomp.hardware.compile.transfer``); of those no
+    neighbour fits, one per op structure is tuned and lends its schedule to the others
+    (the rest of them, if any fail the check, are tuned too). ``"tune"`` tunes them all now.
     Untuned: only dispatch and ``LegalizeOps``, the first passes of plain ``tvm.compile``.
     """
     import tvm
