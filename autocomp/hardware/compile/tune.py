@@ -251,12 +251,12 @@ def _tune_fused(fused, profile: HardwareProfile, new_workloads: str = "tune"):
         representatives = _one_per_structure(missing)
         if tunable and len(representatives) < len(missing):
             # Tune one workload of each new structure, then give the rest its schedule.
-            tuned, seconds = _tune_now(representatives, tasks, transferred, profile, folder)
+            tuned, seconds = _tune_now(representatives, tasks, profile, folder)
             rest = [task for task in missing if task not in representatives]
             transferred |= _transferred(rest, profile, folder)
             missing = [task for task in rest if task.task_name not in transferred]
     if missing and tunable:
-        count, spent = _tune_now(missing, tasks, transferred, profile, folder)
+        count, spent = _tune_now(missing, tasks, profile, folder)
         tuned, seconds = tuned + count, seconds + spent
     with _locked(folder / _DB_LOCK, exclusive=False):
         database = _open_database(folder)
@@ -270,15 +270,13 @@ def _tune_fused(fused, profile: HardwareProfile, new_workloads: str = "tune"):
     return _last_report, database
 
 
-def _tune_now(wanted: list, tasks: list, skip: set[str], profile: HardwareProfile,
-              folder: Path) -> tuple[int, float]:
+def _tune_now(wanted: list, tasks: list, profile: HardwareProfile, folder: Path) -> tuple[int, float]:
     """Tune the ``wanted`` tasks the database still lacks (another process may have tuned
     some meanwhile), one tuner at a time; returns (tasks tuned, seconds)."""
     _check_tunable(profile)
     names = {task.task_name for task in wanted}
     with _locked(folder / _TUNER_LOCK, exclusive=True, waiting=f"another process is tuning into {folder}"):
-        missing = [task for task in _missing(tasks, folder)
-                   if task.task_name in names and task.task_name not in skip]
+        missing = [task for task in _missing(tasks, folder) if task.task_name in names]
         if not missing:
             return 0, 0.0
         start = time.perf_counter()
