@@ -85,3 +85,11 @@ def small_run(trained_resnet: Path, tmp_path_factory: pytest.TempPathFactory) ->
                  "--val-subset", "300", "--train-subset", "1000", "--name", "r", "--runs-dir", str(runs)])
     assert code == 0
     return runs
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The random test order's seed, also under -q (pytest-randomly prints it only in the header)."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None:
+        terminalreporter.write_line(f"tests ran in random order, pytest-randomly seed {seed} "
+                                    f"(rerun that order with --randomly-seed={seed})")

@@ -1,5 +1,9 @@
-"""Small helpers shared by the method tests."""
+"""Small helpers shared by the tests."""
 
+import os
+import shutil
+
+import pytest
 import torch
 from torch import nn
 
@@ -24,3 +28,17 @@ def seeded_model(spec: str, shape: tuple[int, ...], **kwargs) -> tuple[nn.Module
     torch.manual_seed(0)
     model = build_model(spec, num_classes=10, **kwargs).eval()
     return model, build_inventory(model, shape, coupling=False)
+
+
+def require_tool(tool: str, what: str) -> None:
+    """Skip the test when ``tool`` is not on PATH, saying what provides it; in CI (``CI`` set,
+    as ``.ci/run`` does, which installs every tool) its absence is a failure instead."""
+    if shutil.which(tool) is None:
+        unavailable(f"{tool} ({what}) is not installed")
+
+
+def unavailable(reason: str) -> None:
+    """Skip with ``reason`` here; fail with it in CI, where nothing may be missing."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI lacks what this test needs: {reason}")
+    pytest.skip(reason)

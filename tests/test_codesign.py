@@ -147,10 +147,11 @@ def test_codesign_over_clock_and_cores(tiny_run: Path, fmnist, capsys) -> None:
         assert after["latency"]["median_s"] < before["latency"]["median_s"]
     feasible = {v["label"]: {t["number"] for t in v["trials"] if t["feasible"]} for v in saved["variants"]}
     assert feasible["clock=600MHz cores=1"] <= feasible["clock=1.8GHz cores=4"]
-    if saved["cheapest"] is not None:
-        best = max(v["best"]["val_acc"] for v in saved["variants"] if v["best"])
-        assert by_label[saved["cheapest"]]["best"]["val_acc"] == best == saved["best_val_acc"]
-        assert saved["cheapest"] in saved["minimal"]
+    # the fastest variant runs the uncompressed model well within 2 ms, so one meets the budget
+    assert saved["cheapest"] is not None
+    best = max(v["best"]["val_acc"] for v in saved["variants"] if v["best"])
+    assert by_label[saved["cheapest"]]["best"]["val_acc"] == best == saved["best_val_acc"]
+    assert saved["cheapest"] in saved["minimal"]
 
 
 def test_codesign_sram_sweep_flips_mcu_feasibility(tiny_run: Path, fmnist) -> None:

@@ -3,14 +3,12 @@ library under qemu with TVM's aarch64 runtime), checked against PyTorch, and ref
 
 import copy
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_plan
+from helpers import make_plan, require_tool, unavailable
 from torch import nn
 
 from autocomp.core.errors import AutocompError
@@ -62,9 +60,7 @@ def _require_aarch64_runtime() -> None:
     try:
         runtimes.runtime_for("aarch64")
     except runtimes.RuntimeUnavailable as reason:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(reason))
+        unavailable(str(reason))
 
 
 def test_host_export_writes_and_checks_every_artefact(compressed, images, tmp_path: Path,
@@ -156,8 +152,8 @@ def test_without_the_aarch64_runtime_the_check_says_how_to_get_it(tmp_path: Path
     assert not check.failed and check.to_json(6) == {"not_run_here": message}
 
 
-@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="gcc-arm-none-eabi is not installed")
 def test_the_mcu_target_exports_c_sources_checked_on_this_machine(images, tmp_path: Path) -> None:
+    require_tool("arm-none-eabi-gcc", "Debian gcc-arm-none-eabi")
     profile = load_target("cortex-m7")
     assert artefacts.target_writer(profile) is artefacts.write_c_sources
     job = artefacts.make_job(_tiny(), SHAPE, profile, tmp_path, images)

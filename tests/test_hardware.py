@@ -97,3 +97,32 @@ def test_measured_latency_carries_its_provenance() -> None:
     assert f"{profile.latency.threads} threads" in small.provenance
     # the ResNet at 4x the pixels does about 7x the MACs: it must measure slower
     assert large.median_s > small.median_s
+
+
+class _ShapeBranch(torch.nn.Module):
+    """Conv + batch norm, then a branch on the input's shape: torch.export traces it (static
+    shapes), FX's symbolic trace, which folding uses, cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y.relu() if x.shape[-1] > 8 else y
+
+
+def test_batch_norm_left_unfolded_is_said_in_the_label(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = _ShapeBranch().train()
+    measurer = make_measurer(load_target("host", untuned=True))
+    try:
+        latency = measurer.measure(model, (1, 1, 12, 12))
+        assert model.training  # the caller's model is left as it was
+        assert "batch norm left unfolded: FX cannot trace the model" in latency.provenance
+        assert "batch norm left unfolded" in caplog.text
+        plain = measurer.measure(build_model("demo-resnet", num_classes=10, in_channels=1), (1, 1, 28, 28))
+        assert "unfolded" not in plain.provenance
+    finally:
+        measurer.close()

@@ -1,9 +1,12 @@
 import json
 
 import pytest
+import torch
+from helpers import make_plan
 
-from autocomp.core.inventory import build_inventory
+from autocomp.core.inventory import build_inventory, count_macs
 from autocomp.intake.models import build_model
+from autocomp.methods.apply import apply_plan
 
 
 def _inventory(spec: str, shape: tuple[int, ...], classes: int = 1000):
@@ -31,6 +34,22 @@ def test_layer_figures_are_consistent() -> None:
     assert stem.macs == 16 * 14 * 14 * 9
     assert stem.act_bytes == 16 * 14 * 14 * 4
     assert inv.layer("fc").is_output
+
+
+@pytest.mark.parametrize("spec", ["demo-resnet", "demo-mobilenetv2"])
+def test_hook_counted_macs_match_the_inventory_before_and_after_compression(spec: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(spec, num_classes=10, in_channels=1)
+    inv = build_inventory(model, (1, 1, 28, 28))
+    assert count_macs(model, (1, 1, 28, 28)) == inv.macs
+    leaders, plain = inv.prune_leaders(), [layer.name for layer in inv.layers if layer.kind == "conv"]
+    plan = make_plan({leaders[0]: {"method": "prune", "ratio": 0.5},
+                      plain[-1]: {"method": "lowrank", "rank": 0.5},
+                      "fc" if spec == "demo-resnet" else "classifier": {"method": "quant", "w_bits": 8}})
+    compressed = apply_plan(model, plan, inv, channel_multiple=4)
+    macs = count_macs(compressed, (2, 1, 28, 28))
+    assert macs == build_inventory(compressed, (2, 1, 28, 28), coupling=False).macs
+    assert macs < 2 * inv.macs
 
 
 def test_residual_and_depthwise_coupling() -> None:

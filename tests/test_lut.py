@@ -92,7 +92,28 @@ def test_prediction_is_recorded_with_the_measurement(tmp_path: Path) -> None:
     assert overhead.scale == 1.0  # one model: the per-call term alone
     # the fit closes the gap on the model it was fitted to
     assert after.latency.median_s == pytest.approx(measured.median_s, rel=1e-6)
-    assert summary.count == 1 and summary.within_10pct in (0.0, 1.0)
+    error = records[0]["predicted_s"] / records[0]["measured_s"] - 1
+    assert summary.count == 1 and summary.median_abs == pytest.approx(abs(error))
+    assert summary.within_10pct == (1.0 if abs(error) <= 0.1 else 0.0)
+
+
+def test_a_failed_prediction_is_recorded_apart_from_the_error(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    from autocomp.search.objective import _predict_from_table
+
+    profile = quick_profile()
+    measurer = LocalMeasurer(profile)
+    try:
+        measured = measurer.measure(small_net(), SHAPE)
+    finally:
+        measurer.close()
+    with LatencyTable(profile, tmp_path / "table.sqlite") as table:
+        fine = _predict_from_table(table, small_net(), SHAPE, measured, "run/trial 0")
+        # a model that does not run at this shape: the prediction fails, the trial goes on
+        wrong = nn.Sequential(nn.Flatten(), nn.Linear(256, 4), nn.Unflatten(1, (2, 3)))
+        broken = _predict_from_table(table, wrong, SHAPE, measured, "run/trial 1")
+    assert isinstance(fine["error"], float) and "failed" not in fine
+    assert set(broken) == {"failed"} and "run/trial 1: latency table prediction failed" in caplog.text
 
 
 def test_error_summary_figures() -> None:

@@ -2,14 +2,13 @@
 (on this machine, and the Cortex-M7 build under qemu-arm), and arm-none-eabi-size against
 the tool's own SRAM and flash figures."""
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_plan
+from helpers import make_plan, require_tool
 from torch import nn
 
 from autocomp.core.errors import AutocompError
@@ -31,8 +30,12 @@ COMPILER, CFLAGS = toolchain(PROFILE)
 # the harness below) and a little less (static data of the error hook that the linker
 # drops when no kernel can call it): 1% plus 512 B either way.
 SIZE_TOLERANCE = (0.01, 512)
-needs_arm = pytest.mark.skipif(shutil.which(COMPILER) is None,
-                               reason=f"{COMPILER} (Debian gcc-arm-none-eabi) is not installed")
+
+
+@pytest.fixture
+def arm_toolchain() -> None:
+    require_tool(COMPILER, "Debian gcc-arm-none-eabi")
+
 
 # A bare-metal entry point with no startup code: Linux system calls read the input into
 # the arena and write the output, so that qemu-arm can run the Cortex-M7 image as a user
@@ -221,7 +224,7 @@ def _link(artefact: McuArtefact, tmp: Path) -> Path:
     return elf
 
 
-@needs_arm
+@pytest.mark.usefixtures("arm_toolchain")
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cortex_m7_image_matches_the_tools_figures(name: str, exported, images: torch.Tensor,
                                                    tmp_path: Path) -> None:
@@ -236,8 +239,7 @@ def test_cortex_m7_image_matches_the_tools_figures(name: str, exported, images: 
     assert abs(text + data - memory.flash_bytes) <= relative * memory.flash_bytes + absolute
     assert abs(data + bss - memory.sram_bytes) <= relative * memory.sram_bytes + absolute
     assert data + bss >= memory.arena_bytes
-    if shutil.which("qemu-arm") is None:
-        pytest.skip("qemu-arm (Debian qemu-user) is not installed: the image was not run")
+    require_tool("qemu-arm", "Debian qemu-user")
     x = images[:3]
     outputs = []
     for sample in x:

@@ -59,7 +59,11 @@ def test_weights_round_trip_and_mismatch(tmp_path: Path) -> None:
         load_weights(other, tmp_path / "none.pt")
 
 
-@pytest.mark.parametrize("spec", ["resnet", "torchvision:resnet1800", "nofile.py:make"])
-def test_unknown_models(spec: str) -> None:
-    with pytest.raises(AutocompError):
+@pytest.mark.parametrize(("spec", "message"), [
+    ("resnet", r"unknown model 'resnet' \(did you mean demo-resnet\?\)"),
+    ("torchvision:resnet1800", r"unknown torchvision classifier 'resnet1800' \(did you mean resnet18\?\)"),
+    ("nofile.py:make", "model file nofile.py does not exist"),
+])
+def test_unknown_models(spec: str, message: str) -> None:
+    with pytest.raises(AutocompError, match=message):
         build_model(spec, num_classes=10)

@@ -100,6 +100,23 @@ def test_shufflenet_prunes_the_groups_that_never_reach_its_channel_shuffle() -> 
         apply_plan(model, make_plan({"stage3.1.branch2.5": {"method": "prune", "ratio": 0.5}}), inv)
 
 
+def test_a_group_that_cannot_be_built_is_named_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model("torchvision:shufflenet_v2_x0_5", num_classes=10).eval()
+    head = model.get_submodule("conv5.0")
+    build = tp.DependencyGraph.get_pruning_group
+
+    def failing(graph, module, *args, **kwargs):
+        if module is head:
+            raise RuntimeError("index mapping lost")
+        return build(graph, module, *args, **kwargs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", failing)
+    inv = build_inventory(model, TORCHVISION_SHAPE)
+    assert "conv5.0" not in inv.prune_leaders() and inv.layer("conv5.0").prune_group is None
+    assert ("conv5.0 is not prunable: torch-pruning could not build its channel group "
+            "(RuntimeError: index mapping lost)") in inv.notes
+
+
 def test_criteria_choose_channels_by_their_own_definitions(fmnist: DataSplits, trained_resnet: Path) -> None:
     model = build_model("demo-resnet", num_classes=10, in_channels=1)
     load_weights(model, trained_resnet)

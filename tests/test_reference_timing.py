@@ -64,6 +64,15 @@ def test_load_that_slows_both_does_not_change_the_figure() -> None:
     assert reference.level_s == pytest.approx(130e-6)  # the level follows the machine
 
 
+def test_the_level_follows_slow_drift_and_still_catches_a_jump() -> None:
+    reference = ab.Reference(level_s=100e-6, baseline_s=100e-6)
+    for level in (106e-6, 112e-6, 119e-6):  # each within 10% of the last trusted one
+        _, count = scripted([([50e-6] * 9, [level] * 9, QUIET)], reference)
+        assert count == 1 and reference.level_s == pytest.approx(level)
+    _, count = scripted([([50e-6] * 9, [150e-6] * 9, BUSY), ([60e-6] * 9, [120e-6] * 9, QUIET)], reference)
+    assert count == 2  # 26% above the level: not trusted at once
+
+
 def test_off_reference_is_retried_and_a_good_attempt_kept() -> None:
     reference = ab.Reference(level_s=100e-6, baseline_s=100e-6)
     attempt, count = scripted([([80e-6] * 9, [160e-6] * 9, BUSY), ([50e-6] * 9, [101e-6] * 9, QUIET)],

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from autocomp.core.errors import AutocompError
-from autocomp.hardware.measure.local import LocalMeasurer
 from autocomp.hardware.measure.rpc import RPCMeasurer, start_local_server, start_local_tracker
 from autocomp.hardware.profiles import RpcSettings, load_profile
 
@@ -74,17 +73,13 @@ def test_services_bind_to_loopback_only(tracker, servers) -> None:
     assert all(ipaddress.ip_address(a).is_loopback for a in addresses), addresses
 
 
-def test_rpc_latency_is_close_to_local(tracker, server) -> None:
-    profile = rpc_profile(tracker.port, "loop")
-    remote = RPCMeasurer(profile).measure(small_net(), SHAPE)
-    local_measurer = LocalMeasurer(replace(profile, latency=replace(profile.latency, method="local")))
-    try:
-        local = local_measurer.measure(small_net(), SHAPE)
-    finally:
-        local_measurer.close()
+def test_rpc_latency_is_measured_on_the_device_and_says_so(tracker, server) -> None:
+    # How it compares with another figure is checked in one session, A/B against the
+    # reference (next test): two figures taken at different times on a shared machine are not.
+    remote = RPCMeasurer(rpc_profile(tracker.port, "loop")).measure(small_net(), SHAPE)
     assert remote.kind == "measured" and remote.samples == 5
+    assert 0 < remote.p10_s <= remote.median_s <= remote.p90_s
     assert f"via RPC tracker 127.0.0.1:{tracker.port} key loop" in remote.provenance
-    assert 0.2 < remote.median_s / local.median_s < 5, (remote, local)
 
 
 def test_rpc_measurement_alternates_with_the_reference_on_the_device(tracker, server) -> None:
@@ -139,7 +134,9 @@ def test_device_dropping_mid_measurement_is_retried(tracker, servers) -> None:
         killer.join()
     assert len(killed) == 1 and killed[0].group_pids() == []
     assert len(measurer.failures) == 1, measurer.failures
-    assert measurer.failures[0].startswith("device failed while timing the model"), measurer.failures
+    # 1 s after the session starts it is timing on a quiet machine; on a loaded one it may still
+    # be loading the module: a failure at any stage must be retried on the other device.
+    assert measurer.failures[0].startswith("device failed while "), measurer.failures
     assert latency.samples == 40
 
 

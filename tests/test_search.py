@@ -1,6 +1,7 @@
 """End to end: a real search on a Fashion-MNIST subset, resumed, then exported."""
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -167,6 +168,21 @@ def test_data_free_mcu_search_with_an_impossible_sram_budget_shows_the_closest(
     front = json.loads((run / "front.json").read_text())
     assert front["feasible"] is False and len(front["trials"]) == 2
     assert all("estimated (cortex-m7" in row["search_latency"]["provenance"] for row in front["trials"])
+    # Nothing was measured, so nothing may say so: stdout, front.json, the report, `pareto`.
+    assert front["obtained"] == "estimated again by the cost model"
+    assert not re.search(r"\b(re-)?measured\b", front["provenance"])
+    assert all(row["remeasured_latency"]["kind"] == "estimated" for row in front["trials"])
+    code, shown, _ = cli("pareto", "m7", "--runs-dir", str(tmp_path / "runs"))
+    assert code == 0
+    report = (run / "report.md").read_text()
+    # (what the profiles' cost models were fitted to may say "measured": it is about them)
+    from autocomp.hardware.profiles import available_profiles, load_profile
+
+    fits = [load_profile(name).cost_model.fitted_to for name in available_profiles()]
+    for text in (out, shown, report):
+        for fit in fits:
+            text = text.replace(fit, "")
+        assert not re.search(r"\b(re-)?measured\b", text, re.IGNORECASE), text
     for number in (0, 1):
         metrics = json.loads((run / "trials" / str(number) / "metrics.json").read_text())
         assert metrics["finetune"]["steps"] == 0

@@ -2,6 +2,7 @@
 exactly the requested number."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -75,6 +76,7 @@ def test_sigterm_mid_search_loses_nothing_and_resumes(cli, tmp_path: Path, train
 def test_two_workers_share_one_postgresql_study(tmp_path: Path, trained_resnet: Path) -> None:
     """Two ``autocomp search`` processes on one PostgreSQL study finish exactly the trials asked."""
     from postgres_server import postgres_url, study_name
+    from sqlalchemy.engine import make_url
 
     from autocomp.search.storage import open_storage
 
@@ -97,6 +99,13 @@ def test_two_workers_share_one_postgresql_study(tmp_path: Path, trained_resnet: 
     # each worker kept its own trials' files; both use the baseline of the study's creator
     ran = [{int(p.name) for p in (folder / "runs" / name / "trials").glob("*")} for folder in folders]
     assert not ran[0] & ran[1] and len(ran[0] | ran[1]) >= wanted
-    budgets = {json.loads((folder / "runs" / name / "run.json").read_text())["baseline"]["budget_s"]
-               for folder in folders}
-    assert len(budgets) == 1
+    saved = [json.loads((folder / "runs" / name / "run.json").read_text()) for folder in folders]
+    assert len({run["baseline"]["budget_s"] for run in saved}) == 1
+    # no password on disk: a later command gets it as libpq does (here PGPASSWORD)
+    without = make_url(url).set(password=None).render_as_string(hide_password=False)
+    assert all(run["storage"] == without for run in saved)
+    password = make_url(url).password
+    assert password
+    report = subprocess.run([sys.executable, "-m", "autocomp", "report", name], cwd=folders[0],
+                            capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password})
+    assert report.returncode == 0, report.stderr

@@ -101,15 +101,21 @@ def test_seed_params_reproduce_the_seed_plans(measured, narrow: bool) -> None:
         assert {k: v for k, v in trial.params.items() if k.split(".")[0] not in global_knobs} == params
 
 
-def test_a_failing_compression_is_recorded_not_raised(fmnist: DataSplits, trained_resnet: Path,
-                                                      tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def prune_only(trained_resnet: Path, tmp_path: Path):
+    """The trained demo-resnet, its inventory, and a space of pruning alone (two settings)."""
     model = build_model("demo-resnet", num_classes=10, in_channels=1)
     model.load_state_dict(torch.load(trained_resnet, weights_only=True))
     inventory = build_inventory(model.eval(), (1, 1, 28, 28))
     path = tmp_path / "prune.yaml"
     path.write_text("name: p\nmethods:\n  prune: {ratio: {low: 0.25, high: 0.5, step: 0.25}}\n"
                     "finetune: {steps: 0}\n")
+    return model, inventory, load_space(str(path))
+
+
+def test_a_failing_compression_is_recorded_not_raised(fmnist: DataSplits, prune_only,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inventory, space = prune_only
     apply = sens.apply_plan
 
     def broken(teacher, plan, *args, **kwargs):
@@ -118,9 +124,21 @@ def test_a_failing_compression_is_recorded_not_raised(fmnist: DataSplits, traine
         return apply(teacher, plan, *args, **kwargs)
 
     monkeypatch.setattr(sens, "apply_plan", broken)
-    result = measure_sensitivity(model, inventory, load_space(str(path)), fmnist.val, None, images=200)
+    result = measure_sensitivity(model, inventory, space, fmnist.val, None, images=200)
     failed = [row for row in result.rows if not row.ok]
     assert {row.layer for row in failed} == {"layer2.conv1.0"}
     assert failed[0].error == "RuntimeError: surgery failed" and failed[0].accuracy is None
     assert "prune" in result.excluded()["layer2.conv1.0"]
     assert "failed" in result.table()
+
+
+def test_a_programming_error_in_a_compression_is_raised(fmnist: DataSplits, prune_only,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inventory, space = prune_only
+
+    def buggy(teacher, plan, *args, **kwargs):
+        return plan.layers.no_such_attribute
+
+    monkeypatch.setattr(sens, "apply_plan", buggy)
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        measure_sensitivity(model, inventory, space, fmnist.val, None, images=200)

@@ -157,15 +157,37 @@ def test_sigkill_leaves_a_stale_trial_that_resume_fails(kind: str, tmp_path: Pat
     _wait_for_line(proc, "start 2")
     proc.kill()
     proc.communicate(timeout=30)
+    killed = proc.pid
     assert _states(study)[2].state == optuna.trial.TrialState.RUNNING
 
-    (proc,) = _start(url, run_dir, name, 4, tmp_path, grace_s=2.0)
+    # Resumed on the same machine: the killed process is seen to be gone, so its trial is
+    # failed at once instead of after the grace period (10 minutes here, far beyond the
+    # minute ``_finish`` waits).
+    (proc,) = _start(url, run_dir, name, 4, tmp_path, grace_s=600.0)
     _finish(proc)
     after = _states(study)
     assert sum(t.state in FINISHED for t in after.values()) == 4
     assert after[2].state == optuna.trial.TrialState.FAIL
-    assert after[2].user_attrs["fail_reason"].startswith("worker lost (no heartbeat for ")
+    reason = after[2].user_attrs["fail_reason"]
+    assert reason == f"worker lost (its process {killed} on this machine has ended)"
     assert [after[n].state.name for n in (0, 1)] == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_trial_from_another_machine_is_failed_only_after_the_grace_period(tmp_path: Path) -> None:
+    from autocomp.search.workers import HEARTBEAT_KEY, WORKER_KEY, _StaleWatch, this_worker
+
+    _, study = _create(None, tmp_path / "run")
+    here = this_worker()
+    elsewhere = {**here, "host": here["host"] + "-other"}
+    recent, old = study.ask(), study.ask()
+    for trial, beat in ((recent, time.time() - 5), (old, time.time() - 100)):
+        study._storage.set_trial_user_attr(trial._trial_id, WORKER_KEY, {**elsewhere, "pid": 2**22 + 7})
+        study._storage.set_trial_user_attr(trial._trial_id, HEARTBEAT_KEY, beat)
+    _StaleWatch(grace_s=30).fail_stale(study)
+    after = _states(study)
+    assert after[recent.number].state == optuna.trial.TrialState.RUNNING
+    assert after[old.number].state == optuna.trial.TrialState.FAIL
+    assert after[old.number].user_attrs["fail_reason"].startswith("worker lost (no heartbeat for ")
 
 
 def test_a_waiting_worker_does_not_fail_a_live_slow_trial(tmp_path: Path) -> None:
@@ -173,9 +195,10 @@ def test_a_waiting_worker_does_not_fail_a_live_slow_trial(tmp_path: Path) -> Non
     left alone, and the waiting worker starts none beyond the one slot."""
     run_dir = tmp_path / "run"
     name, study = _create(None, run_dir)
-    (slow,) = _start(None, run_dir, name, 1, tmp_path, grace_s=1.0, hang_at=0, hang_s=3.0)
+    # 0.3 s heartbeats against a 5 s grace: a loaded machine may delay a few beats, not 16.
+    (slow,) = _start(None, run_dir, name, 1, tmp_path, grace_s=5.0, hang_at=0, hang_s=8.0)
     _wait_for_line(slow, "start 0")
-    (waiting,) = _start(None, run_dir, name, 1, tmp_path, grace_s=1.0)
+    (waiting,) = _start(None, run_dir, name, 1, tmp_path, grace_s=5.0)
     assert _finish(waiting).strip() == "ran 0"
     _finish(slow)
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]
@@ -300,6 +323,15 @@ def test_bad_postgres_password_gives_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(info.value) and "wrong-password" not in str(info.value)
 
 
+def test_urls_written_to_disk_keep_no_password() -> None:
+    from autocomp.search.storage import without_password
+
+    assert without_password("postgresql://me:s3cret@db:5432/x") == "postgresql://me@db:5432/x"
+    assert without_password("postgresql://me@db/x") == "postgresql://me@db/x"
+    assert without_password("journal:runs/a.journal") == "journal:runs/a.journal"
+    assert without_password(None) is None
+
+
 def test_describe_storage_masks_passwords(tmp_path: Path) -> None:
     assert describe_storage("postgresql://me:s3cret@db/x", tmp_path) == "postgresql://me:***@db/x"
     assert describe_storage(None, tmp_path) == f"SQLite {tmp_path / 'study.db'}"
@@ -308,3 +340,25 @@ def test_describe_storage_masks_passwords(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]))
+
+
+def test_heartbeats_the_storage_refuses_are_logged_and_counted(tmp_path: Path, monkeypatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from autocomp.search.workers import HEARTBEAT_KEY, _Heartbeat
+
+    _, study = _create(None, tmp_path / "run")
+    trial = study.ask()
+    storage = study._storage
+    store = storage.set_trial_user_attr
+
+    def outage(trial_id: int, key: str, value) -> None:
+        if key == HEARTBEAT_KEY:
+            raise OSError("database is locked")
+        store(trial_id, key, value)
+
+    monkeypatch.setattr(storage, "set_trial_user_attr", outage)
+    beat = _Heartbeat(study, trial._trial_id, 0.05)
+    time.sleep(0.5)
+    beat.stop()
+    assert beat.failed >= 3
+    assert "heartbeat of trial id" in caplog.text and "OSError: database is locked" in caplog.text

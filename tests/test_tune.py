@@ -104,6 +104,18 @@ def test_untuned_keeps_plain_compile_and_says_so(monkeypatch: pytest.MonkeyPatch
     assert tune.tuning_label(host()).startswith("MetaSchedule-tuned (2 trials")
 
 
+def test_a_module_with_kernels_left_unscheduled_is_not_labelled_tuned(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    profile = host()
+    report = tune.TuningReport(profile.target_key, 5, 0, 5, 0.0, TRIALS, unscheduled=("fused_conv2d",),
+                               transferred=("fused_conv2d1",))
+    monkeypatch.setattr(tune, "_last_report", report)
+    label = tune.schedules_label(profile)
+    assert label == (f"tuned schedules ({TRIALS} trials per workload) for 3, transferred schedules for 1, "
+                     "untuned for 1 of 5 kernels")
+    assert "MetaSchedule-tuned" not in label
+
+
 @pytest.mark.slow
 def test_each_workload_is_tuned_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path))

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from autocomp.core.errors import AutocompError
@@ -19,16 +21,23 @@ def test_budget_percentage_is_relative_to_the_uncompressed_model() -> None:
     assert budget.resolve(0.010) == pytest.approx(0.006)
 
 
-@pytest.mark.parametrize("text", ["20 parsecs", "fast", "-3ms", "0ms", "20", "ms", "150%"])
-def test_bad_budgets_are_rejected(text: str) -> None:
-    with pytest.raises(AutocompError):
+@pytest.mark.parametrize(("text", "message"), [
+    *[(text, f"cannot read budget '{text}': use a number with us, ms or s")
+      for text in ("20 parsecs", "fast", "-3ms", "20", "ms")],
+    ("0ms", "budget '0ms' must be positive"),
+    ("150%", "budget '150%' is above 100% of the uncompressed model"),
+])
+def test_bad_budgets_are_rejected(text: str, message: str) -> None:
+    with pytest.raises(AutocompError, match=re.escape(message)):
         parse_budget(text)
 
 
 def test_shapes() -> None:
     assert parse_shape("1,3,224,224") == (1, 3, 224, 224)
-    for bad in ("1,3,x", "224", "1,0,3"):
-        with pytest.raises(AutocompError):
+    with pytest.raises(AutocompError, match=re.escape("cannot read input shape '1,3,x'")):
+        parse_shape("1,3,x")
+    for bad in ("224", "1,0,3"):
+        with pytest.raises(AutocompError, match=re.escape(f"input shape '{bad}' needs a batch")):
             parse_shape(bad)
 
 

@@ -37,6 +37,24 @@ def positive(value: int | None, option: str) -> None:
         raise AutocompError(f"{option} must be positive, not {value}")
 
 
+DEMO_INPUT_SHAPE = (1, 1, 28, 28)  # the demo models' inputs: Fashion-MNIST images
+
+
+def input_shape(args: argparse.Namespace, data=None) -> tuple[int, ...]:
+    """``--input-shape``, else the data's shape (with ``data``), else the demo models' shape;
+    a one-line error for another model without either."""
+    from autocomp.core.units import parse_shape
+
+    if args.input_shape:
+        return parse_shape(args.input_shape)
+    if data is not None:
+        return (1, *data.sample_shape)
+    if args.model.startswith("demo-"):
+        return DEMO_INPUT_SHAPE
+    also = " or --data" if hasattr(args, "data") else ""
+    raise AutocompError(f"give --input-shape (e.g. 1,3,224,224){also} for this model")
+
+
 def model_source(args: argparse.Namespace, input_shape: tuple[int, ...], data=None):
     """The model ``--model`` names, for inputs of ``input_shape``: ``--num-classes`` outputs, else
     the data's classes, else 10 for the demo models and 1000 (ImageNet) for the others."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autocomp.cli.common import add_model_args, model_source
+from autocomp.cli.common import add_model_args, input_shape, model_source
 from autocomp.core.errors import AutocompError
 from autocomp.core.units import format_bytes, format_count, format_memory, format_seconds
 from autocomp.hardware.profiles import HardwareProfile
@@ -70,7 +70,6 @@ class TargetModel:
 
 def prepare(args: argparse.Namespace) -> TargetModel:
     """Build the named model, apply ``--plan``, and load the target profile (``--untuned`` applied)."""
-    from autocomp.core.units import parse_shape
     from autocomp.hardware.profiles import load_target
 
     profile = load_target(args.target, untuned=args.untuned)
@@ -79,14 +78,7 @@ def prepare(args: argparse.Namespace) -> TargetModel:
         from autocomp.intake.data import load_data
 
         data = load_data(args.data)
-    if args.input_shape:
-        shape = parse_shape(args.input_shape)
-    elif data is not None:
-        shape = (1, *data.sample_shape)
-    elif args.model.startswith("demo-"):
-        shape = (1, 1, 28, 28)
-    else:
-        raise AutocompError("give --input-shape (e.g. 1,3,224,224) or --data for this model")
+    shape = input_shape(args, data)
     model = model_source(args, shape, data).build()
     summary = "none"
     if args.plan:
@@ -104,19 +96,22 @@ def prepare(args: argparse.Namespace) -> TargetModel:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
+    from autocomp.hardware.oracle import latency_here
     from autocomp.hardware.profiles import available_profiles, load_profile
 
     profiles = [load_profile(name) for name in available_profiles()]
+    here = {p.name: latency_here(p) for p in profiles}  # what a search would do on this machine
     if args.json:
         print(json.dumps([{"name": p.name, "description": p.description, "source": str(p.source),
-                           "latency": "measured" if p.measured else "estimated",
-                           "how": p.how(), "tvm_target": p.tvm_target,
+                           "latency": "measured" if here[p.name][0] else "estimated",
+                           "how": here[p.name][1], "tvm_target": p.tvm_target,
                            "export": p.export.format, "dtypes": list(p.dtypes),
                            "memory": {"ram": p.memory.ram_bytes, "sram": p.memory.sram_bytes,
                                       "flash": p.memory.flash_bytes}} for p in profiles], indent=2))
         return 0
     for p in profiles:
-        print(f"{p.name:<10} {'measured' if p.measured else 'estimated':<9} {p.how()}")
+        measured, how = here[p.name]
+        print(f"{p.name:<10} {'measured' if measured else 'estimated':<9} {how}")
         limits = ", ".join(f"{key} {format_memory(value)}" for key, value in
                            (("RAM", p.memory.ram_bytes), ("SRAM", p.memory.sram_bytes),
                             ("flash", p.memory.flash_bytes)) if value)

@@ -4,7 +4,14 @@ import argparse
 import json
 from pathlib import Path
 
-from autocomp.cli.common import add_data_args, add_model_args, model_source, positive, setup_torch
+from autocomp.cli.common import (
+    add_data_args,
+    add_model_args,
+    input_shape,
+    model_source,
+    positive,
+    setup_torch,
+)
 from autocomp.core.errors import AutocompError
 from autocomp.core.units import format_bytes, format_count
 
@@ -23,7 +30,7 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
 
     inspect = commands.add_parser("inspect", help="per-layer inventory: shapes, params, MACs")
     add_model_args(inspect, model_required=True)
-    inspect.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
+    inspect.add_argument("--input-shape", help="e.g. 1,3,224,224 (default for demo models: 1,1,28,28)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(handler=cmd_inspect)
 
@@ -70,9 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from autocomp.core.inventory import build_inventory
-    from autocomp.core.units import parse_shape
 
-    shape = parse_shape(args.input_shape)
+    shape = input_shape(args)
     inventory = build_inventory(model_source(args, shape).build(), shape)
     if args.json:
         print(json.dumps(inventory.to_json(), indent=2))

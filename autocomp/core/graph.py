@@ -6,7 +6,7 @@ only the groups that never reach one.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
@@ -114,13 +114,17 @@ class PruneGraph:
     ``restricted`` says the plain graph failed (torch-pruning cannot map some channel split,
     join or shuffle, e.g. ShuffleNet's chunk + concat + channel shuffle) and the graph was
     rebuilt with every such op opaque: then only groups whose channels never reach one are
-    kept, and ``reason`` is why the plain graph failed.
+    kept, and ``reason`` is why the plain graph failed; ``unbuilt`` lists the layers whose
+    group could not be built there.
     """
 
     graph: tp.DependencyGraph
     groups: list[tp.Group]
     restricted: bool = False
     reason: str = ""
+    # Layers whose group torch-pruning failed to build (restricted graph only), with why:
+    # they are not prunable.
+    unbuilt: list[tuple[nn.Module, str]] = field(default_factory=list)
 
     def is_safe(self, group: tp.Group) -> bool:
         """Whether pruning ``group`` touches no op whose channel mapping is unknown."""
@@ -180,9 +184,10 @@ def _safe_groups(pruning: PruneGraph, ignored: list[nn.Module], strict: bool) ->
             continue
         try:
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
-        except Exception:
+        except Exception as err:
             if strict:
                 raise
+            pruning.unbuilt.append((module, f"{type(err).__name__}: {str(err).strip()[:160]}"))
             visited.add(module)
             continue
         members = pruning.members(group)

@@ -4,6 +4,7 @@ gives the channel coupling (residual adds, concatenation, depthwise convs) that
 structured pruning must respect.
 """
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -93,6 +94,31 @@ def build_inventory(model: nn.Module, input_shape: tuple[int, ...], *,
                      sum(layer.act_bytes for layer in layers.values()), notes)
 
 
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """The multiply-accumulates of ``model``'s conv and linear layers at ``input_shape``, as
+    ``build_inventory`` counts them, from one eager forward pass with hooks: a trial needs
+    only this figure, and ``torch.export`` would cost it about a second."""
+    total = 0
+
+    def add(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            per_output = module.in_features
+        else:
+            per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        total += output.numel() * per_output
+
+    hooks = [module.register_forward_hook(add) for module in model.modules()
+             if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Linear)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(*input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
 def _module_name(node: torch.fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
@@ -180,7 +206,11 @@ def _add_coupling(model: nn.Module, example: torch.Tensor, layers: dict[str, Lay
         for name in members:
             layers[name].prune_group = leader
             layers[name].coupled = [other for other in members if other != name]
+    notes = []
     if pruning.restricted:
-        return ["structured pruning is limited to channels that never reach a channel split, join or "
-                f"shuffle, which torch-pruning cannot map here ({pruning.reason})"]
-    return []
+        notes.append("structured pruning is limited to channels that never reach a channel split, join "
+                     f"or shuffle, which torch-pruning cannot map here ({pruning.reason})")
+    for module, reason in pruning.unbuilt:
+        notes.append(f"{names.get(module, type(module).__name__)} is not prunable: torch-pruning could not "
+                     f"build its channel group ({reason})")
+    return notes

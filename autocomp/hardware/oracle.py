@@ -32,6 +32,19 @@ def make_measurer(profile: HardwareProfile) -> Measurer:
     return EstimateMeasurer(profile, fallback_reason=reason)
 
 
+def latency_here(profile: HardwareProfile) -> tuple[bool, str]:
+    """Whether a search on this machine would measure ``profile``'s latency (True) or estimate
+    it, and how, in words: the profile's device when it can be reached from here, else its
+    cost model with the reason."""
+    if profile.latency.method == "estimate":
+        return False, profile.how()
+    try:
+        device_measurer(profile).close()
+    except DeviceUnreachable as err:
+        return False, f"{profile.how_estimated()}, standing in because {err}"
+    return True, profile.how()
+
+
 def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: str | HardwareProfile = "host", *,
                     untuned: bool = False) -> Latency:
     """``model``'s latency on ``target`` (a profile name, path or profile) for inputs shaped like

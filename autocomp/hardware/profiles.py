@@ -116,7 +116,8 @@ class HardwareProfile:
         return f"{target['kind']} {detail}".strip()
 
     def how(self) -> str:
-        """How latency is obtained, as shown to users."""
+        """How the profile asks for latency to be obtained, as shown to users (whether its
+        device can be reached from here is ``autocomp.hardware.oracle.latency_here``)."""
         lat = self.latency
         compiled = f"TVM {self.target_text()}, {lat.tuning}"
         if lat.method == "local":
@@ -125,6 +126,10 @@ class HardwareProfile:
         if lat.method == "rpc":
             assert lat.rpc is not None
             return f"measured through the RPC tracker {lat.rpc.address()} ({compiled}, {lat.threads} threads)"
+        return self.how_estimated()
+
+    def how_estimated(self) -> str:
+        """How the profile's cost model estimates latency, as shown to users."""
         return (f"estimated by the {self.name} cost model {self.cost_model.version} "
                 f"(fitted to {self.cost_model.fitted_to})")
 

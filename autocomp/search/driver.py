@@ -8,9 +8,11 @@ from pathlib import Path
 import optuna
 
 from autocomp.core.inventory import Inventory, build_inventory
+from autocomp.core.paths import check_creatable
 from autocomp.core.progress import Progress
 from autocomp.core.staging import write_json
 from autocomp.core.units import LatencyBudget, format_bytes, format_seconds, parse_budget, parse_bytes
+from autocomp.hardware.oracle import latency_here
 from autocomp.hardware.profiles import HardwareProfile, available_profiles, load_target
 from autocomp.intake.data import DataSplits, calibration_loader, load_data, take
 from autocomp.intake.source import ModelSource
@@ -67,6 +69,7 @@ def run_search(config: SearchConfig) -> SearchOutcome:
     if config.finetune_steps:
         space = space.with_finetune(steps=config.finetune_steps)
     name = check_name(config.name or f"{config.model.split(':')[-1].replace('.py', '')}-{profile.name}")
+    check_creatable(config.runs_dir / name, "the run folder")
     if config.storage:
         open_storage(config.storage, config.runs_dir / name)  # fail fast on a bad URL
     data = load_data(config.data, image_size=config.image_size)
@@ -79,7 +82,7 @@ def run_search(config: SearchConfig) -> SearchOutcome:
     logger.info("search: compressing %s on %s for target %s, budgets: %s, %d trials, space %s, sampler %s%s; "
                 "latency %s", config.model, config.data, profile.name, limits or "none", config.trials,
                 space.name, config.sampler, "" if config.finetune else ", data-free (no fine-tuning)",
-                profile.how())
+                latency_here(profile)[1])
     if source.weights is None:
         source, _ = cached_baseline(source, data, config.baseline_epochs)
     settings = RunSettings(name, source, config.data, profile.name, space.name,
@@ -102,6 +105,8 @@ def run_study(settings: RunSettings, runs_root: Path, data: DataSplits, profile:
     logger.info("study: %s", describe_storage(settings.storage, run_dir))
     teacher = settings.model.build()
     inventory = build_inventory(teacher, settings.input_shape)
+    for note in inventory.notes:
+        logger.info("inventory: %s", note)
     measurers = MeasurerPool(profile, teacher, settings.input_shape, check_table=settings.latency_table,
                              new_workloads=settings.trial_schedules)
     val = take(data.val, settings.val_subset, settings.seed)
@@ -187,6 +192,10 @@ def _sensitivity(teacher, inventory: Inventory, space: SearchSpace, val, calib, 
                                      progress=lambda done, total: bar.moveto(done, total))
     logger.info("sensitivity: %d single-layer compressions scored without fine-tuning on %d validation "
                 "images in %.0f s", len(result.rows), result.images, result.seconds)
+    failed = [row for row in result.rows if row.error is not None]
+    if failed:
+        logger.info("sensitivity: %d of them failed to apply (e.g. %s %s: %s); each reason is in "
+                    "sensitivity.json", len(failed), failed[0].layer, failed[0].method, failed[0].error)
     return result
 
 

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 from torch import nn
 
+from autocomp.hardware.costmodel.estimate import EstimateMeasurer
 from autocomp.hardware.costmodel.lut import LatencyTable
 from autocomp.hardware.measure.base import Latency, Measurer
 from autocomp.hardware.measure.local import LocalMeasurer
@@ -61,6 +62,15 @@ class MeasurerPool:
             _set_new_workloads(measurer, self._new_workloads)
             self._pool[threads] = (profile, measurer, table)
         return self._pool[threads]
+
+    def how(self) -> str:
+        """How the profile's own setting obtains latency here, in words: its device, or its
+        cost model standing in (with the reason) where the device could not be reached."""
+        _, measurer, _ = self.get({})
+        if isinstance(measurer, EstimateMeasurer):
+            reason = measurer.fallback_reason
+            return self.profile.how_estimated() + (f", standing in because {reason}" if reason else "")
+        return self.profile.how()
 
     def baseline(self) -> Latency:
         """The reference's latency in the profile's own setting, timed against itself: the run's

@@ -1,6 +1,7 @@
 """One trial: sample a plan, compress, measure latency and memory, fine-tune with distillation
 (stopped early when hopeless), score."""
 
+import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autocomp.core.inventory import Inventory, build_inventory
+from autocomp.core.inventory import Inventory, count_macs
 from autocomp.core.staging import write_json
 from autocomp.hardware.costmodel.lut import LatencyTable
 from autocomp.hardware.mcu.memory import device_memory
@@ -22,6 +23,8 @@ from autocomp.search.measurers import MeasurerPool
 from autocomp.search.space.sampling import SearchSpace
 from autocomp.training.distill import finetune
 from autocomp.training.train import evaluate
+
+logger = logging.getLogger(__name__)
 
 # Measured trials after which the latency table's in-model correction (VM overhead per
 # kernel call, cache effects) is fitted, once per target; later predictions use it.
@@ -128,7 +131,7 @@ class TrialObjective:
             "deploy": deploy,
             "latency": latency.to_json(),
             "params": count_params(model),
-            "macs": build_inventory(model, shape, coupling=False).macs,
+            "macs": count_macs(model, shape),
             "size_bytes": size,
             "budgets": {"latency_s": ctx.budgets.latency_s, "size_bytes": ctx.budgets.size_bytes},
             "constraints": constraints,
@@ -137,6 +140,7 @@ class TrialObjective:
             "over_memory": memory.exceeds(profile.memory) if memory is not None else None,
             "latency_table": table_figures,
             "finetune": asdict(tuning),
+            "timings": timings,  # seconds per step, filled in as the trial goes (a stopped one too)
         }
         for key in ("latency", "params", "macs", "size_bytes"):
             trial.set_user_attr(key, metrics[key])
@@ -158,8 +162,7 @@ class TrialObjective:
         start = time.perf_counter()
         accuracy = evaluate(model, ctx.val)
         timings["eval_s"] = time.perf_counter() - start
-        metrics.update(val_acc=accuracy, intermediate=trial.user_attrs.get("intermediate"),
-                       timings=timings)
+        metrics.update(val_acc=accuracy, intermediate=trial.user_attrs.get("intermediate"))
         torch.save(model.state_dict(), folder / "model.pt")
         write_json(folder / "metrics.json", metrics)
         trial.set_user_attr("val_acc", accuracy)
@@ -186,15 +189,18 @@ def _constraints(budgets: Budgets, latency: Latency, size: int, memory, profile)
 def _predict_from_table(table: LatencyTable, model: nn.Module, shape: tuple[int, ...],
                         measured: Latency, label: str) -> dict:
     """The latency table's prediction for the trial's model, recorded next to the end-to-end
-    measurement so that the table's error is always known. A table failure is reported
-    with the trial, not allowed to fail it."""
+    measurement so that the table's error is always known. A table failure is logged and
+    recorded with the trial (``failed``, where a prediction has its relative ``error``), not
+    allowed to fail it."""
     try:
         prediction = table.predict(model, shape)
         table.record(prediction, measured, label)
         if table.overhead().models == 0 and len(table.records()) >= TABLE_FIT_AFTER:
             table.fit_overhead()
     except Exception as err:
-        return {"error": f"{type(err).__name__}: {str(err).strip()[:200]}"}
+        logger.warning("%s: latency table prediction failed: %s: %s", label, type(err).__name__,
+                       str(err).strip()[:200])
+        return {"failed": f"{type(err).__name__}: {str(err).strip()[:200]}"}
     return {"predicted_s": prediction.latency.median_s,
             "error": prediction.latency.median_s / measured.median_s - 1,
             "kernels": prediction.kernels, "hits": prediction.hits,

@@ -310,7 +310,8 @@ def measure_sensitivity(teacher: nn.Module, inventory: Inventory, space: SearchS
 
     ``calib`` yields (images, labels) batches for methods that calibrate from data;
     ``progress(done, total)`` is called after each evaluation. A compression that fails
-    is recorded with its reason.
+    is recorded with its reason (a method that fails for every setting of a layer is then
+    ruled out for it); a programming error (``PROGRAMMING_ERRORS``) is raised.
     """
     start = time.perf_counter()
     subset = _tensors(take(val, images, seed))
@@ -352,6 +353,11 @@ def measure_sensitivity(teacher: nn.Module, inventory: Inventory, space: SearchS
     return Sensitivity(base, reference, len(subset), time.perf_counter() - start, rows, space.name)
 
 
+# Exceptions that mean a bug in autocomp (or in the model's code), which the pre-pass re-raises;
+# any other failure means the method does not fit the layer and is recorded with its reason.
+PROGRAMMING_ERRORS = (TypeError, AttributeError, AssertionError, NameError)
+
+
 def _score(teacher: nn.Module, inventory: Inventory, layer: str, variant: MethodSpace,
            values: dict[str, Any], subset: Dataset, calib: list | None, channel_multiple: int,
            seed: int) -> tuple[float | None, float, int | None, str | None]:
@@ -364,6 +370,8 @@ def _score(teacher: nn.Module, inventory: Inventory, layer: str, variant: Method
         model = apply_plan(teacher, CompressionPlan({layer: config}), inventory,
                            channel_multiple=channel_multiple, calib=calib)
         accuracy = evaluate(adapt_batchnorm(model, calib), subset)
+    except PROGRAMMING_ERRORS:
+        raise  # a bug, not a method that does not fit the layer: never a silent gap in the search
     except Exception as err:
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         return None, time.perf_counter() - start, None, reason

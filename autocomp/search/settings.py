@@ -11,6 +11,7 @@ from autocomp.core.staging import write_json
 from autocomp.core.units import parse_bytes
 from autocomp.hardware.profiles import HardwareProfile, load_target
 from autocomp.intake.source import ModelSource
+from autocomp.search.storage import without_password
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Settings that must not change when a run is resumed: they define what the trials mean.
@@ -96,7 +97,8 @@ def load_settings(folder: Path) -> RunSettings:
 
 
 def save_settings(folder: Path, settings: RunSettings) -> None:
-    write_json(folder / "run.json", settings.to_json())
+    """Write ``run.json``; a storage URL is kept without its password (no secret on disk)."""
+    write_json(folder / "run.json", {**settings.to_json(), "storage": without_password(settings.storage)})
 
 
 def check_resumable(saved: RunSettings, wanted: RunSettings) -> None:

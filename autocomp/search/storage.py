@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from autocomp.core.errors import AutocompError
 
@@ -47,6 +47,23 @@ def describe_storage(url: str | None, run_dir: Path) -> str:
     if url is None:
         return f"SQLite {run_dir / 'study.db'}"
     return _masked(url)
+
+
+def without_password(url: str | None) -> str | None:
+    """``url`` with its password left out, to be written to disk (``run.json``): whoever opens
+    the run later gives the password as PostgreSQL and MySQL clients do (``PGPASSWORD`` or
+    ``~/.pgpass``; ``MYSQL_PWD``)."""
+    if url is None or _journal_path(url) is not None:
+        return url
+    try:
+        parsed = make_url(url.strip())
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return _masked(url)
+    if parsed.password is None:
+        return url
+    bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database,
+                      parsed.query)
+    return bare.render_as_string(hide_password=False)
 
 
 def _journal_path(url: str | None) -> Path | None:
@@ -112,7 +129,17 @@ def _open_rdb(url: str, shown: str) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
             RuntimeError, ValueError) as err:
-        raise AutocompError(f"cannot open the storage {shown}: {_first_line(err)}") from None
+        reason = _first_line(err)
+        if "password" in reason.lower() and not _has_password(url):
+            reason += " (the URL has no password: give it in PGPASSWORD or ~/.pgpass, or in the URL)"
+        raise AutocompError(f"cannot open the storage {shown}: {reason}") from None
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return make_url(url).password is not None
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return True
 
 
 def _first_line(err: BaseException) -> str:

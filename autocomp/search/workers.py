@@ -43,6 +43,11 @@ or a trial from an older autocomp) is stale once its start is older than ``grace
 this worker has watched it for ``grace_s`` without a beat (its start time is local time
 of the worker that stored it, so it alone is not trusted across machines).
 
+The running process also stores where it runs (``worker``: host name, boot id, process id).
+A RUNNING trial whose worker ran on this machine, in this boot, in a process that has
+ended is failed at once: resuming after a crash on the same machine does not wait out
+the grace period. Heartbeats the storage refuses are logged and counted.
+
 *Signals.* SIGTERM and SIGINT while a trial runs tell it FAIL ("interrupted") and raise
 KeyboardInterrupt; a signal during ``ask`` or ``tell`` waits until that storage call has
 finished. The previous handlers are restored on return. SIGKILL loses only the running
@@ -53,13 +58,16 @@ All workers must use this function (a plain ``study.optimize`` does not check sl
 
 import gc
 import logging
+import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
+from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -75,6 +83,8 @@ FAIL_REASON_KEY = "fail_reason"
 SURPLUS = "surplus: the trial budget was taken by other workers"
 INTERRUPTED = "interrupted"
 LOST = "worker lost (no heartbeat for {age:.0f} s)"
+LOST_HERE = "worker lost (its process {pid} on this machine has ended)"
+WORKER_KEY = "worker"  # host, boot id and pid of the process running the trial
 
 Objective = Callable[[optuna.Trial], Sequence[float] | float]
 OnFinish = Callable[[FrozenTrial, float], None]
@@ -246,14 +256,50 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
+def _boot_id() -> str | None:
+    """This machine's boot id (Linux), so that a process id is only compared within one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def this_worker() -> dict:
+    """Where this worker runs: host name, boot id and process id, stored with its trials."""
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid()}
+
+
+def _gone_here(worker: object) -> bool:
+    """True when ``worker`` (``this_worker()`` of the process that runs a trial) ran on this
+    machine, in this boot, and its process no longer exists."""
+    if not isinstance(worker, dict) or worker.get("boot") is None:
+        return False
+    here = this_worker()
+    same_boot = (worker.get("host"), worker.get("boot")) == (here["host"], here["boot"])
+    if not same_boot or worker.get("pid") == here["pid"]:
+        return False
+    try:
+        os.kill(int(worker["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+    return False
+
+
 class _Heartbeat:
-    """Stores the time on the trial now and every ``every_s`` seconds until stopped."""
+    """Stores the time on the trial now and every ``every_s`` seconds until stopped, and once
+    where its worker runs (``WORKER_KEY``). Beats the storage refuses are logged and counted:
+    a worker that cannot beat for ``grace_s`` has its trial failed as lost by the others."""
 
     def __init__(self, study: optuna.Study, trial_id: int, every_s: float) -> None:
         self._storage = study._storage
         self._trial_id = trial_id
         self._every_s = every_s
         self._stop = threading.Event()
+        self.failed = 0  # beats the storage refused
+        with suppress(UpdateFinishedTrialError):
+            self._storage.set_trial_user_attr(trial_id, WORKER_KEY, this_worker())
         self._beat()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}",
                                         daemon=True)
@@ -264,8 +310,10 @@ class _Heartbeat:
             self._storage.set_trial_user_attr(self._trial_id, HEARTBEAT_KEY, time.time())
         except UpdateFinishedTrialError:
             return False  # told, or failed as lost by another worker: nothing to keep alive
-        except Exception:
-            pass  # the storage is briefly unreachable: the next beat tries again
+        except Exception as err:  # the storage is unreachable: the next beat tries again
+            self.failed += 1
+            logger.warning("heartbeat of trial id %d not stored (%d so far): %s", self._trial_id,
+                           self.failed, one_line(err))
         return True
 
     def _run(self) -> None:
@@ -289,13 +337,21 @@ class _StaleWatch:
     def fail_stale(self, study: optuna.Study) -> list[FrozenTrial]:
         """The study's trials, after failing the stale ones."""
         trials = study.get_trials(deepcopy=False)
-        lost = [(t, age) for t in trials if t.state == TrialState.RUNNING
-                for age in [self._age(t)] if age > self.grace_s]
-        for trial, age in lost:
-            reason = LOST.format(age=age)
+        lost = [(t, reason) for t in trials if t.state == TrialState.RUNNING
+                for reason in [self._lost(t)] if reason]
+        for trial, reason in lost:
             _fail(study, trial._trial_id, reason)
             logger.info("trial %d: failed, %s; its slot is free again", trial.number, reason)
         return study.get_trials(deepcopy=False) if lost else trials
+
+    def _lost(self, trial: FrozenTrial) -> str | None:
+        """Why a RUNNING trial's worker is gone: its process ended on this machine, or no
+        heartbeat came for ``grace_s``; None while it may be alive."""
+        worker = trial.user_attrs.get(WORKER_KEY)
+        if _gone_here(worker):
+            return LOST_HERE.format(pid=worker["pid"])
+        age = self._age(trial)
+        return LOST.format(age=age) if age > self.grace_s else None
 
     def _age(self, trial: FrozenTrial) -> float:
         """Seconds since the trial's worker last showed it was alive."""

@@ -1,6 +1,8 @@
 """PyTorch model -> Relax IRModule -> compiled TVM module for a profile's target."""
 
 import copy
+import functools
+import logging
 import warnings
 from pathlib import Path
 
@@ -11,25 +13,55 @@ from autocomp.core.errors import AutocompError
 from autocomp.core.graph import export_model
 from autocomp.hardware.profiles import HardwareProfile
 
+logger = logging.getLogger(__name__)
+
+
+# Why the last ``fold_batchnorm`` left batch norms unfolded (None: it folded them, or there
+# were none); ``compile_label`` adds it to the label of the module compiled from it.
+_unfolded: str | None = None
+
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with each BatchNorm folded into the conv before it.
+    """An eval-mode copy with each BatchNorm folded into the conv before it (``model`` itself is
+    left as it was).
 
     TVM does not fold batch norm by default and would run it as its own kernel.
     FX's fuse matches exact layer types, so sparse layers (plain weights holding
-    zeros) are first turned back into plain layers. Models that FX cannot trace
-    are returned unfolded (still correct, slower).
+    zeros) are first turned back into plain layers. A model with batch norms that FX
+    cannot trace is returned unfolded (still correct, slower): a warning says so, and so
+    does ``compile_label`` for what is compiled from it.
     """
+    global _unfolded
     from torch.fx.experimental.optimization import fuse
 
     from autocomp.methods.sparsity import densify
 
+    _unfolded = None
+    copied = densify(copy.deepcopy(model).eval())
+    if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in copied.modules()):
+        return copied
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return fuse(densify(copy.deepcopy(model).eval()), inplace=True)
-    except Exception:
-        return model.eval()
+            return fuse(copied, inplace=True)  # tracing fails before anything is changed
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        _unfolded = f"batch norm left unfolded: FX cannot trace the model ({type(err).__name__}: {first})"
+        logger.warning("%s; its latency includes separate batch-norm kernels", _unfolded)
+        return copied
+
+
+def compile_label(profile: HardwareProfile, untuned: bool = False) -> str:
+    """Which schedules the last compile for ``profile`` used (``tune.schedules_label``), and what
+    its lowering could not do (batch norm left unfolded), for provenance strings."""
+    from autocomp.hardware.compile.tune import schedules_label
+
+    return schedules_label(profile, untuned) + (f", {_unfolded}" if _unfolded else "")
+
+
+@functools.cache
+def _decompositions():
+    return torch.export.default_decompositions()
 
 
 def to_relax(model: nn.Module, input_shape: tuple[int, ...]):
@@ -44,7 +76,10 @@ def to_relax(model: nn.Module, input_shape: tuple[int, ...]):
 
     program = export_model(fold_batchnorm(integer_model(model).module), torch.zeros(*input_shape))
     try:
-        return from_exported_program(program, custom_convert_map=CONVERT_MAP)
+        # The importer's own decomposition rebuilds PyTorch's default table on every call
+        # (0.4 s); the same table, built once, gives the same graph.
+        program = program.run_decompositions(_decompositions())
+        return from_exported_program(program, custom_convert_map=CONVERT_MAP, run_ep_decomposition=False)
     except Exception as err:
         raise AutocompError(f"TVM cannot import the model: {type(err).__name__}: "
                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
@@ -57,7 +92,7 @@ def compile_model(model: nn.Module, input_shape: tuple[int, ...], profile: Hardw
     Kernels are MetaSchedule-tuned through the target's persistent database
     (``autocomp.hardware.compile.tune``), tuning only workloads it lacks. ``untuned`` (or the
     profile's ``latency.tuning: untuned``) keeps plain ``tvm.compile``; callers label
-    the result with ``tune.schedules_label``. ``new_workloads="transfer"`` replays tuned
+    the result with ``compile_label``. ``new_workloads="transfer"`` replays tuned
     neighbours' schedules on workloads the database lacks instead of tuning them now.
     """
     from autocomp.hardware.compile.tune import compile_tuned

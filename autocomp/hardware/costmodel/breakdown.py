@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from autocomp.core.errors import AutocompError
-from autocomp.hardware.compile.tune import tuning_label
+from autocomp.hardware.compile.lower import compile_label
 from autocomp.hardware.costmodel.kernels import build, model_kernels
 from autocomp.hardware.measure.kernel_worker import shared_worker
 from autocomp.hardware.profiles import HardwareProfile
@@ -93,6 +93,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], profile: Hardw
     total = sum(sum(times) for times in grouped.values())
     rows = sorted((ProfileRow(kernel, layer, len(times), sum(times), sum(times) / total)
                    for (kernel, layer), times in grouped.items()), key=lambda row: -row.median_s)
-    provenance = (f"measured in place ({profile.name}: TVM {profile.target_text()}, {tuning_label(profile)}, "
-                  f"{lat.threads} threads; each call timed around the VM's call, median of {runs} runs)")
+    provenance = (f"measured in place ({profile.name}: TVM {profile.target_text()}, "
+                  f"{compile_label(profile)}, {lat.threads} threads; each call timed around the VM's "
+                  f"call, median of {runs} runs)")
     return Breakdown(rows, total, provenance)

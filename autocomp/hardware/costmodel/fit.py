@@ -1,15 +1,16 @@
 """Fitting the cost model's constants (``autocomp calibrate``).
 
-Two kinds of data: models measured on a reachable device (the host, an RPC board) with
-the profile's measurer, or published figures from an anchors file
-(``hw_profiles/anchors/NAME.yaml``, each figure with its model, input, threads, dtype,
-clock, latency and source). The fit is a maximum-a-posteriori least squares in log
-space (``scipy.optimize.least_squares``): residuals ``log(estimate / measured) / 0.1``
-for each figure, plus ``(theta - prior) / sd`` for each fitted constant (efficiencies
-and the kernel overhead in log space with a factor-3 prior sd, the parallel fraction
-in logit space), so that constants the data cannot pin down stay near their priors
-instead of running off. Figures known only by their total MACs (the MCUNet figures of
-the Cortex-M7) fit one common scale of all efficiencies, and the output says so.
+Two kinds of data: models measured on a reachable device (the host, an RPC board) with the
+profile's measurer, or the figures of an anchors file (``hw_profiles/anchors/NAME.yaml``,
+each figure with its model, input, threads, dtype, clock, latency and source; the file's
+``origin`` says whether they are published by others or were measured by autocomp on a lent
+device, and every fitted constant's source says which). The fit is a maximum-a-posteriori
+least squares in log space (``scipy.optimize.least_squares``): residuals ``log(estimate /
+measured) / 0.1`` for each figure, plus ``(theta - prior) / sd`` for each fitted constant
+(efficiencies and the kernel overhead in log space with a factor-3 prior sd, the parallel
+fraction in logit space), so that constants the data cannot pin down stay near their priors
+instead of running off. Figures known only by their total MACs (the MCUNet figures of the
+Cortex-M7) fit one common scale of all efficiencies, and the output says so.
 
 The error reported is out of sample: each fitted figure is predicted by a fit without
 it (leave-one-out), and device calibrations also predict compressed models that were
@@ -24,7 +25,7 @@ import shutil
 import statistics
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,8 @@ ROLES = ("fit", "check", "held-out")
 
 @dataclass(frozen=True)
 class Anchor:
-    """One published latency figure."""
+    """One latency figure from an anchors file: published by others, or measured by us on a
+    device this machine cannot reach (``origin``)."""
 
     label: str
     model: str | None  # a model spec (reference:mobilenet_v1, torchvision:resnet18), or None
@@ -70,6 +72,10 @@ class Anchor:
     clock_hz: float | None
     role: str
     source: str
+    origin: str = "published"  # or "measured" (by autocomp, on a lent device)
+
+
+ORIGINS = {"published": "published figures", "measured": "figures measured by autocomp"}
 
 
 @dataclass(frozen=True)
@@ -179,13 +185,15 @@ def load_anchors(path: Path, profile_name: str | None = None) -> list[Anchor]:
     if not path.is_file():
         raise AutocompError(f"anchors file {path} does not exist")
     check = Checker(path)
-    top = check.mapping(read_yaml(path), "", {"target", "description", "anchors"}, {"target", "anchors"})
+    top = check.mapping(read_yaml(path), "", {"target", "description", "origin", "anchors"},
+                        {"target", "anchors"})
+    origin = check.choice(top.get("origin", "published"), "origin", tuple(ORIGINS))
     if profile_name is not None and top["target"] != profile_name:
         raise check.fail("target", f"{top['target']!r}: these figures are not for target {profile_name!r}")
     rows = top["anchors"]
     if not isinstance(rows, list) or not rows:
         raise check.fail("anchors", "must be a non-empty list")
-    anchors = [_anchor(row, f"anchors[{i}]", check) for i, row in enumerate(rows)]
+    anchors = [replace(_anchor(row, f"anchors[{i}]", check), origin=origin) for i, row in enumerate(rows)]
     if not any(anchor.role == "fit" for anchor in anchors):
         raise check.fail("anchors", "no figure has role fit")
     return anchors
@@ -404,9 +412,10 @@ def calibrate(profile: HardwareProfile, against: str | Path, *, measurer: Any = 
             notes.append("only aggregate figures (total MACs and latency) were available: one common "
                          "efficiency scale was fitted, per-op-kind efficiencies keep their prior ratios")
         figures = sorted({a.model.split(":")[-1] if a.model else a.label.split(" (")[0] for a in fit})
-        what = (f"{len(fit)} published figures ({', '.join(figures)}) in anchors/{path.name}"
+        kind = ORIGINS[anchors[0].origin]
+        what = (f"{len(fit)} {kind} ({', '.join(figures)}) in anchors/{path.name}"
                 + ("; aggregate MACs only" if all(a.macs is not None for a in fit) else ""))
-        result = _result(profile, points, str(path), what, f"published figures in anchors/{path.name}", notes)
+        result = _result(profile, points, str(path), what, f"{kind} in anchors/{path.name}", notes)
     if write:
         result.out = write_profile(profile, result, out or calibrated_dir() / f"{profile.name}.yaml")
     return result
@@ -491,7 +500,7 @@ def _anchor_points(profile: HardwareProfile, anchors: list[Anchor]) -> list[_Poi
         points.append(_Point(anchor.label, anchor.role, OpArrays(ops), anchor.threads,
                              anchor.clock_hz or profile.cost_model.constants["clock_hz"], anchor.latency_s,
                              anchor.source, anchor.model is None))
-        logger.info("%s: published %s", anchor.label, format_seconds(anchor.latency_s))
+        logger.info("%s: %s %s", anchor.label, anchor.origin, format_seconds(anchor.latency_s))
     return points
 
 

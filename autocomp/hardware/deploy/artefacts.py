@@ -252,8 +252,7 @@ def write_shared_library(job: ExportJob) -> list[Artefact]:
     aarch64) to check it."""
     import tvm
 
-    from autocomp.hardware.compile.lower import compile_model
-    from autocomp.hardware.compile.tune import schedules_label
+    from autocomp.hardware.compile.lower import compile_label, compile_model
 
     profile = job.profile
     arch = llvm_arch(profile.tvm_target)
@@ -268,7 +267,7 @@ def write_shared_library(job: ExportJob) -> list[Artefact]:
     # The schedules a search measured: tuned ones, and for workloads the database lacks, the
     # transferred ones its trials ran (a workload no neighbour fits is tuned).
     executable = compile_model(job.model, job.input_shape, profile, untuned=untuned, new_workloads="transfer")
-    kernels = schedules_label(profile, untuned)
+    kernels = compile_label(profile, untuned)
     options = list(profile.export.cflags) or None
     if compiler:
         fcompile = tvm.support.cc.cross_compiler(compiler, options=options)

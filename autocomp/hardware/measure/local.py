@@ -9,8 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from autocomp.core.errors import AutocompError
-from autocomp.hardware.compile.lower import compile_model, export_library
-from autocomp.hardware.compile.tune import schedules_label
+from autocomp.hardware.compile.lower import compile_label, compile_model, export_library
 from autocomp.hardware.measure import reference as ab
 from autocomp.hardware.measure.base import Latency
 from autocomp.hardware.measure.load import describe_load, sample
@@ -50,7 +49,7 @@ class LocalMeasurer:
         self._reference_dir = Path(tempfile.mkdtemp(prefix="autocomp-reference-"))
         library = export_library(compile_model(model, input_shape, self.profile),
                                  self._reference_dir / "reference.so")
-        schedules = schedules_label(self.profile)
+        schedules = compile_label(self.profile)
         rounds_of = self._rounds_of(library, input_shape, library)
         attempt, attempts = ab.timed(rounds_of, None, self._watch, describe_load)
         level = ab.summarise(attempt, attempts, None, "").median_s
@@ -60,7 +59,7 @@ class LocalMeasurer:
 
     def measure(self, model: nn.Module, input_shape: tuple[int, ...]) -> Latency:
         executable = compile_model(model, input_shape, self.profile, new_workloads=self.new_workloads)
-        schedules = schedules_label(self.profile)
+        schedules = compile_label(self.profile)
         with tempfile.TemporaryDirectory(prefix="autocomp-") as tmp:
             library = export_library(executable, Path(tmp) / "model.so")
             attempt, attempts = ab.timed(self._rounds_of(library, input_shape), self._reference,

@@ -7,7 +7,9 @@ ratios candidate/reference, times the baseline figure the run measured for the
 reference against itself.
 
 An attempt is not trusted when the reference in its rounds is more than
-``REFERENCE_TOLERANCE`` off the reference's level, when the reported figure's p90/p10
+``REFERENCE_TOLERANCE`` off the reference's level (its median in the last trusted
+attempt: the level follows slow changes of the machine's speed, a sudden change is
+checked), when the reported figure's p90/p10
 exceeds ``SPREAD_LIMIT`` (the per-round ratios with a reference, the raw readings
 without), or when other processes or the hypervisor took the CPU meanwhile
 (``autocomp.hardware.measure.load``). It is then timed again, ``ATTEMPTS`` in all with
@@ -120,6 +122,8 @@ def timed(time_once: Callable[[], Rounds], reference: Reference | None,
         attempt = Attempt(rounds, load, problems(rounds, reference, load))
         attempts.append(attempt)
         if not attempt.problems:
+            if reference is not None and rounds.reference:
+                reference.level_s = statistics.median(rounds.reference)  # follow the machine's speed
             return attempt, len(attempts)
         logger.debug("latency attempt %d of %d not trusted (%s; %s)", number + 1, ATTEMPTS,
                      ", ".join(attempt.problems), load.text)

@@ -36,8 +36,8 @@ from pathlib import Path
 from torch import nn
 
 from autocomp.core.errors import AutocompError
-from autocomp.hardware.compile.lower import compile_model
-from autocomp.hardware.compile.tune import schedules_label, tuning_label
+from autocomp.hardware.compile.lower import compile_label, compile_model
+from autocomp.hardware.compile.tune import tuning_label
 from autocomp.hardware.measure import reference as ab
 from autocomp.hardware.measure.base import Latency
 from autocomp.hardware.measure.load import Load
@@ -266,7 +266,7 @@ class RPCMeasurer:
         self._reference_dir = Path(tempfile.mkdtemp(prefix="autocomp-rpc-reference-"))
         library = export_for_device(compile_model(model, input_shape, self.profile), self._reference_dir,
                                     self.profile)
-        self._schedules = schedules_label(self.profile)
+        self._schedules = compile_label(self.profile)
         attempt, attempts = ab.timed(lambda: self._rounds(library, input_shape, library), None,
                                      _no_watch, _device_load)
         level = ab.summarise(attempt, attempts, None, "").median_s
@@ -275,7 +275,7 @@ class RPCMeasurer:
 
     def measure(self, model: nn.Module, input_shape: tuple[int, ...]) -> Latency:
         executable = compile_model(model, input_shape, self.profile, new_workloads=self.new_workloads)
-        self._schedules = schedules_label(self.profile)
+        self._schedules = compile_label(self.profile)
         with tempfile.TemporaryDirectory(prefix="autocomp-rpc-") as tmp:
             library = export_for_device(executable, Path(tmp), self.profile)
             return self.time_library(library, input_shape)
@@ -339,9 +339,11 @@ class RPCMeasurer:
                                                     min_repeat_ms=lat.min_repeat_ms))
             stage = "timing the model"
             readings: list[list[float]] = [[] for _ in vms]
-            for _ in range(lat.repeat):
+            for round_number in range(lat.repeat + 1):  # the first round untimed, as on the host
                 for evaluator, seconds in zip(evaluators, readings, strict=True):
-                    seconds.append(evaluator("main").results[0])
+                    reading = evaluator("main").results[0]
+                    if round_number:
+                        seconds.append(reading)
         except Exception as err:
             raise DeviceFailure(f"device failed while {stage}: {_first_line(err)}") from err
         return ab.Rounds(readings[0], readings[1] if len(readings) > 1 else [])

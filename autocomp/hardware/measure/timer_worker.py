@@ -57,10 +57,15 @@ def _time(request: dict) -> dict:
         vm["main"](tensor)  # warm-up: first-touch of weights and workspace
         evaluators.append(vm.time_evaluator("main", device, number=1, repeat=1,
                                             min_repeat_ms=request["min_repeat_ms"]))
+    # One untimed round first: a module just loaded runs its first repeats slower (caches,
+    # page faults, the pool's threads waking), which failed the first attempt's spread check
+    # in most trials and cost a second attempt.
     readings: list[list[float]] = [[] for _ in modules]
-    for _ in range(request["rounds"]):
+    for round_number in range(request["rounds"] + 1):
         for evaluator, seconds in zip(evaluators, readings, strict=True):
-            seconds.append(evaluator(tensor).results[0])
+            reading = evaluator(tensor).results[0]
+            if round_number:
+                seconds.append(reading)
     return {"ok": True, "candidate": readings[0], "reference": readings[1] if len(readings) > 1 else []}
 
 

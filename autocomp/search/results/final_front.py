@@ -1,5 +1,6 @@
-"""The end of a search: the front re-measured end to end, scored on the test split, and written
-out (front.json, pareto.csv, pareto.png, report)."""
+"""The end of a search: the front's latency obtained again (re-measured end to end, or estimated
+where the target is), scored on the test split, and written out (front.json, pareto.csv,
+pareto.png, report)."""
 
 import logging
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from autocomp.search.measurers import MeasurerPool
 from autocomp.search.results.pareto import (
     TrialResult,
     closest,
+    obtained_again,
     pareto_front,
     plot_front,
     violation,
@@ -41,8 +43,9 @@ class FinalFront:
 def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSettings, run_dir: Path,
              data: DataSplits, measurers: MeasurerPool) -> FinalFront:
     """Re-measure the front end to end (with the schedules its trials ran, which the export
-    uses too) and score it on the test split (which no choice ever used), then write
-    front.json, pareto.csv, pareto.png and the report, and log the front as a table."""
+    uses too; estimated again where the target is estimated) and score it on the test split
+    (which no choice ever used), then write front.json, pareto.csv, pareto.png and the
+    report, and log the front as a table."""
     if not results:
         raise AutocompError("no trial finished, so there is no Pareto front")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -65,8 +68,9 @@ def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSetti
             row["note"] = "weights saved by another worker's machine: not re-measured here"
         rows.append(row)
     final = FinalFront(bool(front), rows, run_dir / "front.json")
-    provenance = _common_provenance(rows, measurers.profile.how())
-    write_json(final.path, {"feasible": final.feasible, "provenance": provenance,
+    provenance = _common_provenance(rows, measurers.how())
+    again = obtained_again([row["remeasured_latency"] for row in rows if row["remeasured_latency"]])
+    write_json(final.path, {"feasible": final.feasible, "provenance": provenance, "obtained": again,
                              "budget_s": settings.baseline.get("budget_s"), "trials": rows})
     write_csv(chosen, run_dir / "pareto.csv")
     uncompressed = next((r for r in results if r.plan_summary == "uncompressed"), None)
@@ -76,7 +80,7 @@ def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSetti
     feasible_count = sum(r.feasible for r in results)
     if front:
         heading = (f"Pareto front of {len(results)} finished trials ({feasible_count} within budget), "
-                   f"re-measured end to end, latency {provenance}:")
+                   f"{again}, latency {provenance}:")
     else:
         budget_s = settings.baseline.get("budget_s")
         limits = ", ".join(text for text in (
@@ -85,7 +89,8 @@ def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSetti
             f"SRAM {settings.sram}" if settings.sram else "",
             f"flash {settings.flash}" if settings.flash else "",
         ) if text) or "the target's memory limits"
-        heading = f"no trial meets the budgets ({limits}); the closest {len(rows)}, latency {provenance}:"
+        heading = (f"no trial meets the budgets ({limits}); the closest {len(rows)}, {again}, "
+                   f"latency {provenance}:")
     logger.info("\n%s\n%s", heading, format_rows(rows, settings.baseline["latency"]["median_s"]))
     report_md, report_html = write_report(run_dir)
     logger.info("\nwrote %s, %s, %s, %s and %s", final.path, run_dir / "pareto.csv", run_dir / "pareto.png",
@@ -104,7 +109,7 @@ def _common_provenance(rows: list[dict], how: str) -> str:
 
 
 def format_rows(rows: list[dict], baseline_s: float) -> str:
-    """The final trials as a fixed-width table: re-measured latency, test accuracy."""
+    """The final trials as a fixed-width table: final latency, test accuracy."""
     lines = [f"{'trial':>5}  {'val acc':>7}  {'test acc':>8}  {'latency':>10}  {'search':>10}  "
              f"{'speedup':>7}  {'size':>9}  plan"]
     for row in rows:

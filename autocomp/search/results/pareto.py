@@ -52,6 +52,17 @@ def latency_provenance(results: list[TrialResult]) -> str:
     return "; ".join(dict.fromkeys(r.provenance for r in results))
 
 
+def obtained_again(figures: list[dict]) -> str:
+    """How the final front's latencies (``Latency.to_json`` dicts) were obtained after the
+    search, in words: "re-measured" only when every one of them was measured."""
+    kinds = {figure.get("kind") for figure in figures}
+    if kinds == {"measured"}:
+        return "re-measured end to end"
+    if kinds == {"estimated"}:
+        return "estimated again by the cost model"
+    return "re-measured where the device was reached, else estimated (each figure's label says which)"
+
+
 # Trials shown when none meets the budgets.
 CLOSEST = 3
 
@@ -97,9 +108,9 @@ def best_feasible(results: list[TrialResult]) -> TrialResult | None:
 def format_table(rows: list[TrialResult], baseline_latency_s: float | None = None, *,
                  remeasured_s: dict[int, float] | None = None) -> str:
     """A fixed-width table of results; ``remeasured_s`` (trial -> seconds) adds the final
-    front's re-measured latency as a column."""
+    front's latency (re-measured, or estimated again) as the column "final"."""
     header = (f"{'trial':>5}  {'val acc':>7}  {'test acc':>8}  {'latency':>10}  {'p10-p90':>17}  "
-              + (f"{'re-measured':>11}  " if remeasured_s is not None else "")
+              + (f"{'final':>11}  " if remeasured_s is not None else "")
               + f"{'speedup':>7}  {'params':>7}  {'MACs':>7}  {'size':>8}  {'budget':>6}  plan")
     lines = [header]
     for r in rows:

@@ -2,7 +2,8 @@
 choices and why its plans look the way they do, as ``report.md`` and a self-contained
 ``report.html`` (plots embedded, styles inline, no external links).
 
-The front comes from ``front.json`` (re-measured end to end and scored on the test split)
+The front comes from ``front.json`` (its latency obtained again, re-measured end to end or
+estimated where the target is, and scored on the test split)
 when the search finished, else from the study's own figures. Files a run may lack
 (sensitivity, layer shares, the plot) make their section say so instead of failing.
 """
@@ -29,6 +30,7 @@ from autocomp.search.results.pareto import (
     collect,
     format_table,
     latency_provenance,
+    obtained_again,
     pareto_front,
 )
 from autocomp.search.settings import RunSettings, load_settings
@@ -59,7 +61,7 @@ class RunView:
     results: list[TrialResult]
     front: list[TrialResult]  # the Pareto front within budget, or the closest trials when none is
     feasible: bool  # whether ``front`` meets the budgets
-    final: dict[str, Any] | None  # front.json: re-measured latencies and test accuracies
+    final: dict[str, Any] | None  # front.json: final latencies and test accuracies
     shared: dict[str, Any]  # the study's user attributes (settings and pre-pass shared by workers)
 
     def __post_init__(self) -> None:
@@ -144,7 +146,7 @@ def front_json(view: RunView) -> dict[str, Any]:
         "budgets": {"latency": settings.budget, "latency_s": settings.baseline.get("budget_s"),
                     "size": settings.size_budget, "sram": settings.sram, "flash": settings.flash},
         "baseline": settings.baseline,
-        "source": ("front.json: re-measured end to end, test accuracy on the test split"
+        "source": (f"front.json: {_again(view)}, test accuracy on the test split"
                    if view.final else "study: search-time figures (the front was not finalised)"),
         "remeasured_provenance": view.final.get("provenance") if view.final else None,
         "feasible": view.feasible,
@@ -161,7 +163,7 @@ def front_table(view: RunView) -> str:
     lines = [f"{view.settings.name}: {what} of {len(view.results)} finished trials",
              f"latency: {latency_provenance(view.front)}"]
     if view.final:
-        lines.append(f"re-measured: {view.final.get('provenance')}; test acc on the test split")
+        lines.append(f"{_again(view)}: {view.final.get('provenance')}; test acc on the test split")
     lines.append(format_table(view.front, view.baseline_s,
                               remeasured_s=remeasured if view.final else None))
     return "\n".join(lines)
@@ -249,7 +251,7 @@ def _front_rows(view: RunView, rows: list[TrialResult]) -> str:
                       f"{view.baseline_s / latency_s:.2f}x", format_bytes(r.size_bytes),
                       format_count(r.params), format_count(r.macs), "yes" if r.feasible else "no",
                       r.plan_summary])
-    return _table(["trial", "val acc", "test acc", "search latency", "re-measured latency", "speedup",
+    return _table(["trial", "val acc", "test acc", "search latency", "final latency", "speedup",
                    "size", "params", "MACs", "within budget", "plan"], table)
 
 
@@ -258,15 +260,28 @@ def _front_section(view: RunView) -> str:
             "size down)" if view.feasible else
             f"No trial meets the budgets; the {len(view.front)} closest")
     if view.final:
-        source = (f"Re-measured end to end after the search: {view.final.get('provenance')}. Test "
+        again = _again(view)
+        source = (f"Final latency {again} after the search: {view.final.get('provenance')}. Test "
                   "accuracy is on the test split, which the search never saw.")
     else:
         source = ("From the study's search-time figures: the front was not re-measured or scored on "
                   "the test split (front.json is missing: the search did not finish).")
     return (f"## Final front\n\n{what}, of {len(view.results)} finished trials. {source} Search latency "
             f"{latency_provenance(view.front)}. Speedup: the uncompressed model's "
-            f"{format_seconds(view.baseline_s)} (measured before the search) over the re-measured "
-            "latency where there is one, else the search latency.\n\n" + _front_rows(view, view.front))
+            f"{format_seconds(view.baseline_s)} ({view.settings.baseline['latency']['kind']} before the "
+            "search) over the final latency where there is one, else the search latency.\n\n"
+            + _front_rows(view, view.front))
+
+
+def _again(view: RunView) -> str:
+    """How the final front's latencies were obtained after the search ("re-measured end to end"
+    only when all were measured)."""
+    return view.final.get("obtained") or obtained_again(
+        [row["remeasured_latency"] for row in view.final.get("trials", []) if row.get("remeasured_latency")])
+
+
+def _again_one(figure: dict) -> str:
+    return "re-measured" if figure.get("kind") == "measured" else "estimated again"
 
 
 def _export_hint(view: RunView, number: int) -> str:
@@ -296,7 +311,7 @@ def _best_section(view: RunView) -> str:
                 f"The closest (also in the table above):\n\n{closest}")
     final = view.final_row(best.number) or {}
     test = f", test {_pct(best.test_acc)}" if best.test_acc is not None else ""
-    again = (f", re-measured {_spread(final['remeasured_latency'])}"
+    again = (f", {_again_one(final['remeasured_latency'])} {_spread(final['remeasured_latency'])}"
              if final.get("remeasured_latency") else "")
     return (f"## Best within budget\n\nTrial {_name(best)}: val {_pct(best.val_acc)}{test}, latency "
             f"{_spread(view.trial(best.number).user_attrs['latency'])}{again}, "
