@@ -24,3 +24,20 @@ def test_baseline_is_trained_once_then_cached(fmnist: DataSplits, caplog: pytest
     assert torch.equal(model.fc.weight, trained.build().fc.weight)
     other, _ = cached_baseline(source, small, epochs=2)
     assert other.weights != trained.weights
+
+
+def test_a_damaged_cached_baseline_is_trained_again(fmnist: DataSplits, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path))
+    small = DataSplits("fashion-mnist", take(fmnist.train, 500), take(fmnist.val, 200),
+                       take(fmnist.test, 200), fmnist.classes, fmnist.sample_shape)
+    source = ModelSource("demo-resnet", 10, 1, 28)
+    trained, _ = cached_baseline(source, small, epochs=1)
+    weights = Path(trained.weights)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    caplog.set_level(logging.INFO, logger="autocomp")
+    again, _ = cached_baseline(source, small, epochs=1)
+    assert again.weights == trained.weights
+    assert any("is damaged" in message and "training it again" in message for message in caplog.messages)
+    assert torch.isfinite(again.build().fc.weight).all()  # the weights read again

@@ -116,6 +116,19 @@ def test_a_failed_prediction_is_recorded_apart_from_the_error(tmp_path: Path,
     assert set(broken) == {"failed"} and "run/trial 1: latency table prediction failed" in caplog.text
 
 
+def test_a_damaged_table_is_set_aside_and_started_again(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    profile = quick_profile()
+    path = tmp_path / "table.sqlite"
+    with LatencyTable(profile, path) as table:
+        table.predict_kernels(model_kernels(small_net(), SHAPE, profile))  # fills it
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
+    with LatencyTable(profile, path) as table:
+        assert table.records() == []
+    assert (tmp_path / "table.sqlite.damaged").is_file()
+    assert "latency table" in caplog.text and "is damaged" in caplog.text
+
+
 def test_error_summary_figures() -> None:
     summary = summarise([0.0, 0.05, -0.05, 0.2, -0.08])
     assert summary.count == 5

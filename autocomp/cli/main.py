@@ -1,6 +1,7 @@
 """The ``autocomp`` command line: one parser, one handler per subcommand, user errors as one line."""
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -33,6 +34,10 @@ def _interrupt(signum: int, _frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# What the machine refuses to store (a full disk or quota, a read-only mount): the user's to fix.
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors become one line and exit status 2.
 
@@ -52,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             return args.handler(args) or 0
     except AutocompError as err:
         print(f"autocomp: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _WRITE_ERRORS:
+            raise
+        # Outputs are written whole or not at all (core/staging.py), so nothing is left half-written.
+        where = f" {err.filename}" if err.filename else ""
+        print(f"autocomp: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into head and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

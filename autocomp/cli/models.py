@@ -13,6 +13,7 @@ from autocomp.cli.common import (
     setup_torch,
 )
 from autocomp.core.errors import AutocompError
+from autocomp.core.staging import replacing
 from autocomp.core.units import format_bytes, format_count
 
 
@@ -69,8 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     train(model, data.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
           seed=args.seed)
     val, test = evaluate(model, data.val), evaluate(model, data.test)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out)
+    with replacing(args.out) as temporary:
+        torch.save(model.state_dict(), temporary)
     print(f"val accuracy {val:.2%}, test accuracy {test:.2%}; saved {args.out}")
     return 0
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from autocomp.core.inventory import Inventory, count_macs
-from autocomp.core.staging import write_json
+from autocomp.core.staging import replacing, write_json
 from autocomp.hardware.costmodel.lut import LatencyTable
 from autocomp.hardware.mcu.memory import device_memory
 from autocomp.hardware.measure.base import Latency
@@ -163,7 +163,8 @@ class TrialObjective:
         accuracy = evaluate(model, ctx.val)
         timings["eval_s"] = time.perf_counter() - start
         metrics.update(val_acc=accuracy, intermediate=trial.user_attrs.get("intermediate"))
-        torch.save(model.state_dict(), folder / "model.pt")
+        with replacing(folder / "model.pt") as temporary:
+            torch.save(model.state_dict(), temporary)
         write_json(folder / "metrics.json", metrics)
         trial.set_user_attr("val_acc", accuracy)
         trial.set_user_attr("feasible", feasible)

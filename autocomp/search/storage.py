@@ -24,6 +24,12 @@ DRIVER_MODULE = {"psycopg2": ("psycopg2", "psycopg2-binary"), "psycopg": ("psyco
                  "pymysql": ("pymysql", "pymysql"), "mysqldb": ("MySQLdb", "mysqlclient")}
 
 
+# Storage URLs given to this process with their passwords, by the URL without it (what
+# run.json keeps): a later open in the same process (the report at the end of a search)
+# needs no password from the environment.
+_given: dict[str, str] = {}
+
+
 def open_storage(url: str | None, run_dir: Path) -> optuna.storages.BaseStorage:
     """The storage named by ``url`` (``--storage``), or ``run_dir/study.db`` when it is None.
 
@@ -36,7 +42,12 @@ def open_storage(url: str | None, run_dir: Path) -> optuna.storages.BaseStorage:
     if url is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    elif (bare := without_password(url)) != url:
+        _given[bare] = url
+    else:
+        url = _given.get(url, url)  # run.json's URL, whose password this process was given
     return _open_rdb(_with_driver(url), shown=_masked(url))
+
 
 
 def describe_storage(url: str | None, run_dir: Path) -> str:

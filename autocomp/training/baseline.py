@@ -29,9 +29,16 @@ def cached_baseline(source: ModelSource, data: DataSplits, epochs: int,
     folder.mkdir(parents=True, exist_ok=True)
     weights, info_path = folder / f"{stem}.pt", folder / f"{stem}.json"
     if weights.is_file() and info_path.is_file():
-        info = json.loads(info_path.read_text())
-        logger.info("baseline: using the cached %s", weights)
-        return ModelSource(**{**asdict(source), "weights": str(weights)}), info
+        try:
+            info = json.loads(info_path.read_text())
+            torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # a cache: a damaged copy is trained again
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            logger.warning("baseline: the cached %s is damaged (%s: %s); training it again", weights,
+                           type(err).__name__, first)
+        else:
+            logger.info("baseline: using the cached %s", weights)
+            return ModelSource(**{**asdict(source), "weights": str(weights)}), info
     logger.info("baseline: no --weights given, training %s on %s for %d epochs (cached at %s)",
                 source.spec, data.spec, epochs, weights)
     torch.manual_seed(seed)  # the initial weights too, so a baseline is reproducible

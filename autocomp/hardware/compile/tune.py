@@ -280,9 +280,9 @@ def _tune_now(wanted: list, tasks: list, profile: HardwareProfile, folder: Path)
         if not missing:
             return 0, 0.0
         start = time.perf_counter()
-        found = _search(missing, profile)
+        found = _search(missing, profile, folder)
         with _locked(folder / _DB_LOCK, exclusive=True):
-            _merge(found, missing, folder)
+            _merge(found, missing, folder)  # those with no working candidate, marked as done
         return len(missing), time.perf_counter() - start
 
 
@@ -333,9 +333,13 @@ def _transferred(missing: list, profile: HardwareProfile, folder: Path) -> set[s
 _opened: dict[Path, tuple[tuple, object]] = {}
 
 
+def _stamp(folder: Path) -> tuple:
+    return tuple((path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+                 for path in (folder / WORKLOADS, folder / RECORDS))
+
+
 def _open_database(folder: Path):
-    stamp = tuple((path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
-                  for path in (folder / WORKLOADS, folder / RECORDS))
+    stamp = _stamp(folder)
     cached = _opened.get(folder)
     if cached is not None and cached[0] == stamp:
         return cached[1]
@@ -378,10 +382,15 @@ def _merge(found, tasks: list, folder: Path) -> None:
     database = _open_database(folder)  # reopened under the lock: sees other processes' additions
     for task in tasks:
         mod = task.dispatched[0]
+        if _has_schedule(database, mod):
+            continue  # merged already, as soon as its tuning ended (``_persisting``)
         workload = database.commit_workload(mod)
         for record in found.get_top_k(found.commit_workload(mod), 1):
             database.commit_tuning_record(ms.database.TuningRecord(
                 record.trace, workload, record.run_secs, record.target, record.args_info))
+    # The lock is held, so the files now hold exactly what this object does: no need to read
+    # them again on the next open.
+    _opened[folder] = (_stamp(folder), database)
 
 
 def _check_tunable(profile: HardwareProfile) -> None:
@@ -398,8 +407,10 @@ def _check_tunable(profile: HardwareProfile) -> None:
             raise AutocompError(f"target {profile.name}: no CUDA GPU here to tune on")
 
 
-def _search(tasks: list, profile: HardwareProfile):
-    """Run MetaSchedule on ``tasks``; returns the in-memory database of every trial."""
+def _search(tasks: list, profile: HardwareProfile, folder: Path):
+    """Run MetaSchedule on ``tasks``; returns the in-memory database of every trial. Each task's
+    best record goes into the database in ``folder`` as soon as the task has had all its
+    trials, so that a process killed while tuning loses one task's work, not all of them."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -433,10 +444,30 @@ def _search(tasks: list, profile: HardwareProfile):
             max_trials_global=trials * len(tasks), max_trials_per_task=trials,
             num_trials_per_iter=min(trials, 64), builder=builder, runner=runner,
             database=memory, cost_model="xgb" if evolve else "random",
-            measure_callbacks=[*callbacks, progress],
+            measure_callbacks=[*callbacks, _persisting(tasks, trials, memory, folder), progress],
             task_scheduler="round-robin", module_equality=_MODULE_EQUALITY,
         )
     return memory
+
+
+def _persisting(tasks: list, trials: int, memory, folder: Path):
+    """A measure callback merging each task's best record into the database in ``folder`` once
+    the task has had its ``trials`` (its candidates are in ``memory`` by then: the
+    ``AddToDatabase`` callback runs first)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    measured = [0] * len(tasks)
+
+    @derived_object
+    class Persist(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            measured[task_id] += len(measure_candidates)
+            if measured[task_id] >= trials:
+                with _locked(folder / _DB_LOCK, exclusive=True):
+                    _merge(memory, [tasks[task_id]], folder)
+
+    return Persist()
 
 
 # Builders and runners by measuring setting, kept for the life of the process: their worker

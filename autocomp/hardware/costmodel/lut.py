@@ -18,6 +18,7 @@ always known (``error_summary``). Storage is one SQLite file under
 """
 
 import hashlib
+import logging
 import sqlite3
 import statistics
 import tempfile
@@ -34,6 +35,8 @@ from autocomp.hardware.costmodel.kernels import Kernel, ModelKernels, model_kern
 from autocomp.hardware.measure.base import Latency
 from autocomp.hardware.measure.kernel_worker import shared_worker
 from autocomp.hardware.profiles import HardwareProfile
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kernels (
@@ -118,6 +121,21 @@ def default_path() -> Path:
     return folder / "table.sqlite"
 
 
+def _open(path: Path) -> sqlite3.Connection:
+    """The table's database, checked (``quick_check``) and with its schema."""
+    db = sqlite3.connect(path, timeout=120, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        found = db.execute("PRAGMA quick_check").fetchone()[0]
+        if found != "ok":
+            raise sqlite3.DatabaseError(found)
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -132,9 +150,17 @@ class LatencyTable:
         self.profile = profile
         self.path = path or default_path()
         self.threads = profile.latency.threads
-        self._db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = _open(self.path)
+        except sqlite3.DatabaseError as err:
+            # A cache: a damaged file (a full disk, a copy cut short) is set aside and refilled.
+            aside = self.path.with_name(self.path.name + ".damaged")
+            logger.warning("latency table %s is damaged (%s): moved to %s, starting a new one",
+                           self.path, err, aside)
+            self.path.replace(aside)
+            for suffix in ("-wal", "-shm"):
+                self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+            self._db = _open(self.path)
 
     def __enter__(self) -> "LatencyTable":
         return self
