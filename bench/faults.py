@@ -45,9 +45,9 @@ def _export(runs: Path, out: Path) -> list[str]:
             str(runs), "--out", str(out), "--force"]
 
 
-def _run(command: list[str], env: dict, kill_after: float | None = None) -> tuple[int, str, str, str]:
+def _run(command: list[str], env: dict, kill_after: float | None = None) -> tuple[int, str, str]:
     """Run ``command``; with ``kill_after``, SIGKILL it (and its workers) then. Returns the exit
-    status, stdout, stderr and the last output line before the end (where it was)."""
+    status, its output (stdout and stderr as they came) and the last output line (where it was)."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     lines: list[str] = []
@@ -69,7 +69,7 @@ def _run(command: list[str], env: dict, kill_after: float | None = None) -> tupl
         reader.join(timeout=10)
     text = "".join(lines)
     last = next((line.strip() for line in reversed(lines) if line.strip()), "")
-    return process.returncode, text, text, last
+    return process.returncode, text, last
 
 
 def _finished(run: Path) -> dict[int, str]:
@@ -129,7 +129,7 @@ def _kills(work: Path, env: dict, kills: int, trials: int, rng: random.Random) -
     before: dict[int, str] = {}
     for kill in range(kills):
         delay = rng.uniform(1.0, 60.0)
-        code, _, _, last = _run(_search(runs, trials), env, kill_after=delay)
+        code, _, last = _run(_search(runs, trials), env, kill_after=delay)
         after = _finished(run)
         gone = sorted(set(before) - set(after))
         problems = _stores(work, run)
@@ -141,7 +141,7 @@ def _kills(work: Path, env: dict, kills: int, trials: int, rng: random.Random) -
         lost += gone
         broken += problems
         before = after
-    code, text, _, last = _run(_search(runs, trials), env)
+    code, text, last = _run(_search(runs, trials), env)
     final = _finished(run)
     print(f"resumed to the end: exit {code}, {len(final)} finished of {trials}", flush=True)
     return {"kills": records, "final_exit": code, "final_tail": text[-1500:], "finished": len(final),
@@ -154,13 +154,13 @@ def _export_kills(work: Path, env: dict, kills: int, rng: random.Random) -> dict
     records = []
     for kill in range(kills):
         delay = rng.uniform(0.5, 15.0)
-        code, _, _, last = _run(_export(runs, out), env, kill_after=delay)
+        code, _, last = _run(_export(runs, out), env, kill_after=delay)
         half = [str(p) for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0]
         records.append({"kill": kill + 1, "after_s": round(delay, 1), "exit": code, "last_line": last[:160],
                         "empty_files": half})
         print(f"export kill {kill + 1}/{kills} after {delay:.1f} s (exit {code}); at: {last[:100]}",
               flush=True)
-    code, text, _, _ = _run(_export(runs, out), env)
+    code, text, _ = _run(_export(runs, out), env)
     written = json.loads((out / "export.json").read_text()) if (out / "export.json").is_file() else None
     print(f"export to the end: exit {code}, export.json {'written' if written else 'missing'}", flush=True)
     return {"kills": records, "final_exit": code, "export_json": written is not None, "tail": text[-800:]}
@@ -177,7 +177,7 @@ def _full_disk(work: Path, env: dict, trials: int) -> dict:
     if done.returncode != 0:
         return {"run": False, "reason": f"mount refused: {done.stderr.strip()[:200]}"}
     try:
-        code, text, _, last = _run(_search(mount, trials, name="full"), env)
+        code, text, last = _run(_search(mount, trials, name="full"), env)
         errors = [line for line in text.splitlines() if line.startswith("autocomp: error:")]
         unreadable = []
         for path in (mount / "full").rglob("*.json"):
@@ -212,7 +212,7 @@ def _truncated(work: Path, env: dict, trials: int) -> list[dict]:
         try:
             with open(path, "r+b") as handle:
                 handle.truncate(path.stat().st_size // 2)
-            code, text, _, last = _run(_search(work / "runs", trials + 1 + index), env)
+            code, text, last = _run(_search(work / "runs", trials + 1 + index), env)
         finally:
             backup.replace(path)
         errors = [line for line in text.splitlines() if line.startswith("autocomp: error:")]

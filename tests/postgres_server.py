@@ -8,7 +8,7 @@ skipped, with the reason, unless ``CI`` is set: there a missing server is a fail
 import os
 import uuid
 
-import pytest
+from helpers import unavailable
 
 ENV = "AUTOCOMP_TEST_POSTGRES"
 HOW = (f"set {ENV}=postgresql://USER:PASSWORD@HOST:PORT/DB (CI starts Debian's postgresql "
@@ -29,9 +29,7 @@ def postgres_url() -> str:
             problem = f"the PostgreSQL server in {ENV} does not answer: {str(err).strip().splitlines()[0]}"
     if problem is None:
         return url
-    if os.environ.get("CI"):
-        pytest.fail(problem)
-    pytest.skip(problem)
+    unavailable(problem)
 
 
 def study_name(prefix: str = "test") -> str:

@@ -41,8 +41,13 @@ def latency_here(profile: HardwareProfile) -> tuple[bool, str]:
     try:
         device_measurer(profile).close()
     except DeviceUnreachable as err:
-        return False, f"{profile.how_estimated()}, standing in because {err}"
+        return False, estimated_instead(profile, str(err))
     return True, profile.how()
+
+
+def estimated_instead(profile: HardwareProfile, reason: str) -> str:
+    """How latency is obtained when the profile's cost model stands in for its device."""
+    return f"{profile.how_estimated()}, standing in because {reason}"
 
 
 def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: str | HardwareProfile = "host", *,

@@ -9,7 +9,7 @@ from autocomp.hardware.costmodel.estimate import EstimateMeasurer
 from autocomp.hardware.costmodel.lut import LatencyTable
 from autocomp.hardware.measure.base import Latency, Measurer
 from autocomp.hardware.measure.local import LocalMeasurer
-from autocomp.hardware.oracle import make_measurer
+from autocomp.hardware.oracle import estimated_instead, make_measurer
 from autocomp.hardware.profiles import HardwareProfile
 
 
@@ -67,9 +67,8 @@ class MeasurerPool:
         """How the profile's own setting obtains latency here, in words: its device, or its
         cost model standing in (with the reason) where the device could not be reached."""
         _, measurer, _ = self.get({})
-        if isinstance(measurer, EstimateMeasurer):
-            reason = measurer.fallback_reason
-            return self.profile.how_estimated() + (f", standing in because {reason}" if reason else "")
+        if isinstance(measurer, EstimateMeasurer) and measurer.fallback_reason:
+            return estimated_instead(self.profile, measurer.fallback_reason)
         return self.profile.how()
 
     def baseline(self) -> Latency:

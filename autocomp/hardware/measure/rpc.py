@@ -41,6 +41,7 @@ from autocomp.hardware.compile.tune import tuning_label
 from autocomp.hardware.measure import reference as ab
 from autocomp.hardware.measure.base import Latency
 from autocomp.hardware.measure.load import Load
+from autocomp.hardware.measure.timer_worker import alternating_rounds
 from autocomp.hardware.profiles import HardwareProfile, RpcSettings
 
 LOOPBACK = "127.0.0.1"
@@ -338,12 +339,8 @@ class RPCMeasurer:
                 evaluators.append(vm.time_evaluator("invoke_stateful", device, number=1, repeat=1,
                                                     min_repeat_ms=lat.min_repeat_ms))
             stage = "timing the model"
-            readings: list[list[float]] = [[] for _ in vms]
-            for round_number in range(lat.repeat + 1):  # the first round untimed, as on the host
-                for evaluator, seconds in zip(evaluators, readings, strict=True):
-                    reading = evaluator("main").results[0]
-                    if round_number:
-                        seconds.append(reading)
+            timers = [lambda e=evaluator: e("main").results[0] for evaluator in evaluators]
+            readings = alternating_rounds(timers, lat.repeat)
         except Exception as err:
             raise DeviceFailure(f"device failed while {stage}: {_first_line(err)}") from err
         return ab.Rounds(readings[0], readings[1] if len(readings) > 1 else [])

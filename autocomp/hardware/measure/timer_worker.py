@@ -57,16 +57,25 @@ def _time(request: dict) -> dict:
         vm["main"](tensor)  # warm-up: first-touch of weights and workspace
         evaluators.append(vm.time_evaluator("main", device, number=1, repeat=1,
                                             min_repeat_ms=request["min_repeat_ms"]))
-    # One untimed round first: a module just loaded runs its first repeats slower (caches,
-    # page faults, the pool's threads waking), which failed the first attempt's spread check
-    # in most trials and cost a second attempt.
-    readings: list[list[float]] = [[] for _ in modules]
-    for round_number in range(request["rounds"] + 1):
-        for evaluator, seconds in zip(evaluators, readings, strict=True):
-            reading = evaluator(tensor).results[0]
+    readings = alternating_rounds([lambda e=evaluator: e(tensor).results[0] for evaluator in evaluators],
+                                  request["rounds"])
+    return {"ok": True, "candidate": readings[0], "reference": readings[1] if len(readings) > 1 else []}
+
+
+def alternating_rounds(timers: list[Callable[[], float]], rounds: int) -> list[list[float]]:
+    """Seconds per round of each timer, the timers taking turns in every round (A B A B ...).
+
+    One untimed round comes first: a module just loaded runs its first repeats slower
+    (caches, page faults, the pool's threads waking), which failed the first attempt's
+    spread check in most trials and cost a second attempt.
+    """
+    readings: list[list[float]] = [[] for _ in timers]
+    for round_number in range(rounds + 1):
+        for timer, seconds in zip(timers, readings, strict=True):
+            reading = timer()
             if round_number:
                 seconds.append(reading)
-    return {"ok": True, "candidate": readings[0], "reference": readings[1] if len(readings) > 1 else []}
+    return readings
 
 
 def serve(handle: Callable[[dict], dict]) -> None:
