@@ -78,3 +78,15 @@ def test_latency_on_a_target_without_a_device_says_it_is_estimated(cli) -> None:
 
     figures = json.loads(out)
     assert figures["latency"]["kind"] == "estimated" and figures["input_shape"] == [1, 1, 28, 28]
+
+
+def test_output_piped_into_head_ends_quietly() -> None:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "autocomp", "targets"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline()  # like `| head -1`: one line read, then the pipe closed
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in err, err

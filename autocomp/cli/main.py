@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except AutocompError as err:
         print(f"autocomp: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head and the like (an OSError: caught first)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as err:
         if err.errno not in _WRITE_ERRORS:
             raise
@@ -65,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {err.filename}" if err.filename else ""
         print(f"autocomp: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into head and the like
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except KeyboardInterrupt:
         print("autocomp: interrupted (finished trials are kept; rerun the same command to resume)",
               file=sys.stderr)
