@@ -175,3 +175,18 @@ def test_the_gpu_target_exports_a_cuda_module_and_checks_it_only_on_a_gpu(images
         assert "GPU" in module.check.ran and not module.check.failed
     else:
         assert module.check.not_run == "no CUDA GPU on this machine"
+
+
+def test_quantized_activations_allow_a_rounding_step_and_nothing_near_a_broken_kernel(
+        compressed, resnet, images, tmp_path: Path) -> None:
+    """A value on a rounding tie may round the other way in another runtime's integer kernels;
+    the tolerance allows that much where activations are quantized, and only there."""
+    quantized = artefacts.make_job(compressed, SHAPE, _untuned("host"), tmp_path / "q", images)
+    plain = artefacts.make_job(resnet[0].eval(), SHAPE, _untuned("host"), tmp_path / "f", images)
+    for job, relative in ((quantized, artefacts.QUANTIZED_RELATIVE_TOLERANCE),
+                          (plain, artefacts.RELATIVE_TOLERANCE)):
+        scale = max(float(np.abs(job.expected[0]).max()), 1.0)
+        assert job.tolerance == pytest.approx(relative * scale)
+    shifted = [job_output + 0.05 * max(float(np.abs(quantized.expected[0]).max()), 1.0)
+               for job_output in quantized.expected]  # 5% of the output: a broken kernel
+    assert quantized.compare(shifted, "test").failed

@@ -8,6 +8,7 @@ sleeps 0.2 s and returns three values for the search's three directions.
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import optuna
 import pytest
 from postgres_server import postgres_url, study_name
 
-from autocomp.core.errors import AutocompError
+from autocomp.core.errors import AutocompError, DamagedStore
 from autocomp.search.storage import describe_storage, open_storage
 from autocomp.search.workers import SURPLUS, run_trials
 
@@ -251,6 +252,44 @@ def test_failures_in_a_row_stop_the_loop(tmp_path: Path) -> None:
         run_trials(study, bad_values, 1, max_failures=2)
     assert study.get_trials()[2].user_attrs["fail_reason"].startswith(
         "the objective returned (1.0, nan, 0.0): ValueError: The value nan is not acceptable")
+
+
+def test_a_damaged_store_stops_the_loop_at_the_first_trial(tmp_path: Path) -> None:
+    """No later trial can succeed on a damaged store: the first failure is stored with its
+    reason and raised, instead of failing every trial in turn."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'f.db'}", directions=DIRECTIONS)
+
+    def damaged(trial: optuna.Trial):
+        raise DamagedStore("tuning database /x is unreadable")
+
+    with pytest.raises(DamagedStore, match=r"^tuning database /x is unreadable$"):
+        run_trials(study, damaged, 5, max_failures=5)
+    assert [(t.state, t.user_attrs["fail_reason"]) for t in study.get_trials()] == [
+        (optuna.trial.TrialState.FAIL, "DamagedStore: tuning database /x is unreadable")]
+
+
+def test_a_full_study_database_is_told_apart_from_other_storage_errors(tmp_path: Path) -> None:
+    """SQLite at its size limit says what a full disk says; Optuna wraps it. The search turns
+    that one (and only that kind) into a one-line error naming the study."""
+    from sqlalchemy import event
+
+    from autocomp.search.storage import refused_write
+
+    storage = open_storage(None, tmp_path)
+    study = optuna.create_study(storage=storage, directions=DIRECTIONS)
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+
+    @event.listens_for(storage.engine, "connect")
+    def _cap(connection, _record) -> None:
+        connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    storage.engine.dispose()  # new connections, each capped
+    with pytest.raises(Exception) as caught:
+        for _ in range(50):
+            study.enqueue_trial({"x": 0.5}, user_attrs={"label": "x" * 4000})
+    assert refused_write(caught.value) == "database or disk is full"
+    assert refused_write(RuntimeError("database or disk is full")) is None  # not the storage's
 
 
 def test_a_trial_that_lost_the_race_is_not_run(tmp_path: Path, monkeypatch) -> None:

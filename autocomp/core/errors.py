@@ -7,3 +7,9 @@ class AutocompError(Exception):
     The CLI prints it as one line (``autocomp: error: ...``) and exits with
     status 2; anything else is a bug and keeps its traceback.
     """
+
+
+class DamagedStore(AutocompError):
+    """A store every trial reads (the tuning database, say) is damaged: no later trial can
+    succeed on it, so a search stops at the first trial that meets it instead of failing
+    them one by one."""

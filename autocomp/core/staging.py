@@ -30,8 +30,9 @@ def staged_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
         if out.exists():
             shutil.rmtree(out)
         staging.replace(out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        _name_the_file(err, out)
         raise
 
 
@@ -44,9 +45,17 @@ def replacing(path: Path) -> Iterator[Path]:
     try:
         yield temporary
         temporary.replace(path)
-    except BaseException:
+    except BaseException as err:
         temporary.unlink(missing_ok=True)
+        _name_the_file(err, path)
         raise
+
+
+def _name_the_file(err: BaseException, path: Path) -> None:
+    """Give a failed write without a file name (a full disk fails ``write``, which names
+    none) the output it was writing, so the user's one-line error says which."""
+    if isinstance(err, OSError) and err.filename is None:
+        err.filename = str(path)
 
 
 def write_json(path: Path, data: Any) -> None:

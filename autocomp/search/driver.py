@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 
+from autocomp.core.errors import AutocompError
 from autocomp.core.inventory import Inventory, build_inventory
 from autocomp.core.paths import check_creatable
 from autocomp.core.progress import Progress
@@ -27,7 +29,7 @@ from autocomp.search.sensitivity import Sensitivity, measure_sensitivity
 from autocomp.search.settings import RunSettings, check_name, save_settings, with_memory_limits
 from autocomp.search.space.loading import load_space
 from autocomp.search.space.sampling import SearchSpace
-from autocomp.search.storage import describe_storage, open_storage
+from autocomp.search.storage import describe_storage, open_storage, refused_write
 from autocomp.search.study import adopt, create_study, open_study, shared_settings_json, shared_state
 from autocomp.search.workers import run_trials
 from autocomp.training.baseline import cached_baseline
@@ -156,7 +158,12 @@ def run_study(settings: RunSettings, runs_root: Path, data: DataSplits, profile:
                 logger.info("latency table: predictions vs end-to-end measurements over %s",
                             table.error_summary(f"{settings.name}/").describe())
         results = collect(study)
-        final = finalise(study, results, settings, run_dir, data, measurers)
+        final = finalise(study, results, settings, run_dir, data, measurers, (teacher, inventory))
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as err:
+        if (reason := refused_write(err)) is None:
+            raise
+        raise AutocompError(f"cannot write the study ({describe_storage(settings.storage, run_dir)}): "
+                            f"{reason}") from None
     finally:
         measurers.close()
     return SearchOutcome(run_dir, settings, results, final)

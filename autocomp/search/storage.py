@@ -5,6 +5,7 @@ opening the same storage; see :func:`autocomp.search.workers.run_trials`.
 """
 
 import importlib.util
+import sqlite3
 from pathlib import Path
 
 import optuna
@@ -144,6 +145,26 @@ def _open_rdb(url: str, shown: str) -> optuna.storages.RDBStorage:
         if "password" in reason.lower() and not _has_password(url):
             reason += " (the URL has no password: give it in PGPASSWORD or ~/.pgpass, or in the URL)"
         raise AutocompError(f"cannot open the storage {shown}: {reason}") from None
+
+
+def refused_write(err: BaseException) -> str | None:
+    """Why the storage refused to store something, when it is the machine's to fix (a full
+    disk or quota, a read-only file): the database's own message, else None. Optuna wraps
+    it (``StorageInternalError`` from SQLAlchemy's ``OperationalError``)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = _first_line(current)
+        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlite3.OperationalError)) and any(
+                words in text.lower() for words in _FULL_OR_READ_ONLY):
+            return text
+        current = current.__cause__ or current.__context__
+    return None
+
+
+# What SQLite and PostgreSQL say when the disk is full or the file read-only.
+_FULL_OR_READ_ONLY = ("disk is full", "no space left", "readonly database", "read-only", "disk quota")
 
 
 def _has_password(url: str) -> bool:

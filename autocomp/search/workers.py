@@ -23,7 +23,7 @@ at most ``wanted`` trials finish. WAITING trials (enqueued, e.g. the warm start)
 counted because ``ask`` may pop one later with a number below a trial already checked.
 
 *Not fewer.* A worker returns only when ``finished >= wanted`` (or raises: too many
-failures in a row, an interrupt). Before asking it waits (polls) while finished +
+failures in a row, a damaged store, an interrupt). Before asking it waits (polls) while finished +
 running >= wanted, so running trials of other workers are not duplicated; when one fails
 or its worker is lost, its slot is free again. A trial is surplus only when the trials
 below it that its check counted fill the budget: those are running (and finish, fail or
@@ -73,7 +73,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from autocomp.core.errors import AutocompError
+from autocomp.core.errors import AutocompError, DamagedStore
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def run_trials(study: optuna.Study, objective: Objective, wanted: int, *,
     ``objective(trial)`` returns the values; ``optuna.TrialPruned`` prunes the trial, any
     other exception fails it (user attribute ``fail_reason``, one line) and the loop goes
     on, until ``max_failures`` (default ``max(3, wanted)``) of this worker's trials have
-    failed in a row: then AutocompError with the last reason. ``on_finish(trial,
+    failed in a row: then AutocompError with the last reason. A trial failing on a
+    ``DamagedStore`` is stored as failed and its error raised at once. ``on_finish(trial,
     seconds)`` is called with each trial this worker ran, as stored (any state).
     One-line notes (stale trials failed, surplus trials, waiting) are logged.
     """
@@ -165,12 +166,14 @@ def _run_one(study: optuna.Study, objective: Objective, wanted: int, heartbeat_s
             time.sleep(random.uniform(0.05, 0.3))  # do not race the same workers again at once
             return None
         start = time.perf_counter()
-        state, values, reason = _evaluate(objective, trial)
+        state, values, reason, damaged = _evaluate(objective, trial)
         seconds = time.perf_counter() - start
         with interrupts.deferred():
             beat.stop()
             frozen = _tell(study, trial, state, values, reason)
             told = True
+        if damaged is not None:  # every later trial would fail on it too
+            raise damaged
         gc.collect()  # trials build models; do not let them pile up between trials
         if frozen is None:
             logger.info("trial %d: another worker failed it as lost while it ran (heartbeats late by "
@@ -198,14 +201,16 @@ def _holds_slot(study: optuna.Study, number: int, wanted: int) -> bool:
 
 
 def _evaluate(objective: Objective, trial: optuna.Trial
-              ) -> tuple[TrialState, Sequence[float] | float | None, str | None]:
+              ) -> tuple[TrialState, Sequence[float] | float | None, str | None, DamagedStore | None]:
+    """The trial's state, values and failure reason, and the damaged store it met, if any."""
     try:
         values = objective(trial)
     except optuna.TrialPruned:
-        return TrialState.PRUNED, None, None
+        return TrialState.PRUNED, None, None, None
     except Exception as err:
-        return TrialState.FAIL, None, trial.user_attrs.get(FAIL_REASON_KEY) or one_line(err)
-    return TrialState.COMPLETE, values, None
+        reason = trial.user_attrs.get(FAIL_REASON_KEY) or one_line(err)
+        return TrialState.FAIL, None, reason, err if isinstance(err, DamagedStore) else None
+    return TrialState.COMPLETE, values, None, None
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState,

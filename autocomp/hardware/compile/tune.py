@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from autocomp.core.errors import AutocompError
+from autocomp.core.errors import AutocompError, DamagedStore
 from autocomp.core.paths import cache_dir
 from autocomp.core.progress import Progress
 from autocomp.hardware.profiles import HardwareProfile
@@ -357,7 +357,7 @@ def _read_database(folder: Path):
                                         allow_missing=True, module_equality=_MODULE_EQUALITY)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AutocompError(f"tuning database {folder} is unreadable ({first}); "
+        raise DamagedStore(f"tuning database {folder} is unreadable ({first}); "
                             "delete the folder to tune again") from None
 
 

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from torch import nn
 
 from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import Inventory
 from autocomp.core.staging import write_json
 from autocomp.core.units import format_bytes, format_seconds
 from autocomp.intake.data import DataSplits
@@ -41,11 +43,11 @@ class FinalFront:
 
 
 def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSettings, run_dir: Path,
-             data: DataSplits, measurers: MeasurerPool) -> FinalFront:
+             data: DataSplits, measurers: MeasurerPool, base: tuple[nn.Module, Inventory]) -> FinalFront:
     """Re-measure the front end to end (with the schedules its trials ran, which the export
     uses too; estimated again where the target is estimated) and score it on the test split
     (which no choice ever used), then write front.json, pareto.csv, pareto.png and the
-    report, and log the front as a table."""
+    report, and log the front as a table. ``base``: the uncompressed model and its inventory."""
     if not results:
         raise AutocompError("no trial finished, so there is no Pareto front")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -60,7 +62,7 @@ def finalise(study: optuna.Study, results: list[TrialResult], settings: RunSetti
                "plan": trials[result.number].user_attrs.get("plan"), "deploy": result.deploy,
                "violation": violation(trials[result.number])}
         if (run_dir / "trials" / str(result.number) / "model.pt").is_file():
-            model = load_trial_model(run_dir, settings, result.number, data)
+            model = load_trial_model(run_dir, settings, result.number, data, base)
             _, measurer, _ = measurers.get(result.deploy)
             row["remeasured_latency"] = measurer.measure(model, settings.input_shape).to_json()
             result.test_acc = row["test_acc"] = evaluate(model, data.test)

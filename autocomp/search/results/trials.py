@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from autocomp.core.errors import AutocompError
-from autocomp.core.inventory import build_inventory
+from autocomp.core.inventory import Inventory, build_inventory
 from autocomp.hardware.profiles import load_profile
 from autocomp.intake.data import DataSplits, calibration_loader
 from autocomp.methods.apply import apply_plan
@@ -17,15 +17,21 @@ from autocomp.search.results.pareto import best_feasible, collect
 from autocomp.search.settings import RunSettings
 
 
-def load_trial_model(run_dir: Path, settings: RunSettings, number: int, data: DataSplits) -> nn.Module:
+def load_trial_model(run_dir: Path, settings: RunSettings, number: int, data: DataSplits,
+                     base: tuple[nn.Module, Inventory] | None = None) -> nn.Module:
     """Rebuild a trial's compressed model: the plan's structure (calibrated on the same
-    training images as in the search), then the trial's fine-tuned weights."""
+    training images as in the search), then the trial's fine-tuned weights. ``base`` is the
+    run's uncompressed model and its inventory where the caller holds them already (the
+    search does), which saves building them again (a ``torch.export`` each time)."""
     folder = run_dir / "trials" / str(number)
     if not (folder / "model.pt").is_file():
         raise AutocompError(f"trial {number} of run {settings.name!r} has no saved model "
                             f"(it did not finish)")
-    teacher = settings.model.build()
-    inventory = build_inventory(teacher, settings.input_shape)
+    if base is None:
+        teacher = settings.model.build()
+        inventory = build_inventory(teacher, settings.input_shape)
+    else:
+        teacher, inventory = base
     plan = CompressionPlan.load(folder / "plan.json")
     profile = load_profile(settings.target)
     model = apply_plan(teacher, plan, inventory, channel_multiple=profile.channel_multiple,
