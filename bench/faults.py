@@ -28,16 +28,28 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 NAME = "faults"
 
 
-def _search(runs: Path, trials: int, name: str = NAME) -> list[str]:
-    return [str(Path(sys.executable).parent / "autocomp"), "search", "--model", "demo-resnet", "--data",
-            "fashion-mnist", "--target", "host", "--budget", "90%", "--trials", str(trials), "--name", name,
-            "--runs-dir", str(runs), "--train-subset", "1000", "--val-subset", "300", "--finetune-steps",
-            "20", "--baseline-epochs", "1", "--latency-table"]
+@dataclass
+class Search:
+    """The search every kill interrupts, and what the short form leaves out."""
+
+    trials: int
+    untuned: bool = False  # plain compiled kernels: no tuning database to kill or damage
+    weights: Path | None = None  # trained weights given: no baseline to train and cache
+
+    def command(self, runs: Path, trials: int | None = None, name: str = NAME) -> list[str]:
+        return [str(Path(sys.executable).parent / "autocomp"), "search", "--model", "demo-resnet", "--data",
+                "fashion-mnist", "--target", "host", "--budget", "90%",
+                "--trials", str(trials or self.trials), "--name", name, "--runs-dir", str(runs),
+                "--train-subset", "1000", "--val-subset", "300",
+                "--finetune-steps", "20", "--baseline-epochs", "1", "--latency-table",
+                *(["--untuned"] if self.untuned else []),
+                *(["--weights", str(self.weights)] if self.weights else [])]
 
 
 def _export(runs: Path, out: Path) -> list[str]:
@@ -122,14 +134,14 @@ def _stores(work: Path, run: Path) -> list[str]:
     return problems
 
 
-def _kills(work: Path, env: dict, kills: int, trials: int, rng: random.Random) -> dict:
+def _kills(work: Path, env: dict, kills: int, search: Search, window: float, rng: random.Random) -> dict:
     runs = work / "runs"
     run = runs / NAME
     records, lost, broken = [], [], []
     before: dict[int, str] = {}
     for kill in range(kills):
-        delay = rng.uniform(1.0, 60.0)
-        code, _, last = _run(_search(runs, trials), env, kill_after=delay)
+        delay = rng.uniform(1.0, window)
+        code, _, last = _run(search.command(runs), env, kill_after=delay)
         after = _finished(run)
         gone = sorted(set(before) - set(after))
         problems = _stores(work, run)
@@ -141,11 +153,11 @@ def _kills(work: Path, env: dict, kills: int, trials: int, rng: random.Random) -
         lost += gone
         broken += problems
         before = after
-    code, text, last = _run(_search(runs, trials), env)
+    code, text, last = _run(search.command(runs), env)
     final = _finished(run)
-    print(f"resumed to the end: exit {code}, {len(final)} finished of {trials}", flush=True)
+    print(f"resumed to the end: exit {code}, {len(final)} finished of {search.trials}", flush=True)
     return {"kills": records, "final_exit": code, "final_tail": text[-1500:], "finished": len(final),
-            "wanted": trials, "exact": len(final) == trials, "lost": lost,
+            "wanted": search.trials, "exact": len(final) == search.trials, "lost": lost,
             "problems": broken + _stores(work, run)}
 
 
@@ -166,7 +178,7 @@ def _export_kills(work: Path, env: dict, kills: int, rng: random.Random) -> dict
     return {"kills": records, "final_exit": code, "export_json": written is not None, "tail": text[-800:]}
 
 
-def _full_disk(work: Path, env: dict, trials: int) -> dict:
+def _full_disk(work: Path, env: dict, search: Search) -> dict:
     """A new search (baseline and kernels cached) with its runs folder on a 1 MB tmpfs, which a
     few trials' weights fill: one line naming what could not be written, and every file that
     was written whole."""
@@ -177,7 +189,7 @@ def _full_disk(work: Path, env: dict, trials: int) -> dict:
     if done.returncode != 0:
         return {"run": False, "reason": f"mount refused: {done.stderr.strip()[:200]}"}
     try:
-        code, text, last = _run(_search(mount, trials, name="full"), env)
+        code, text, last = _run(search.command(mount, name="full"), env)
         errors = [line for line in text.splitlines() if line.startswith("autocomp: error:")]
         unreadable = []
         for path in (mount / "full").rglob("*.json"):
@@ -194,7 +206,7 @@ def _full_disk(work: Path, env: dict, trials: int) -> dict:
         subprocess.run(["umount", "--lazy", str(mount)], check=False)
 
 
-def _truncated(work: Path, env: dict, trials: int) -> list[dict]:
+def _truncated(work: Path, env: dict, search: Search) -> list[dict]:
     """Each cache file cut to half its size, then the search resumed for one more trial: the
     file rebuilt (exit 0), or refused with one line naming it. The file is restored after."""
     results = []
@@ -204,7 +216,10 @@ def _truncated(work: Path, env: dict, trials: int) -> list[dict]:
     for index, (what, pattern) in enumerate(targets.items()):
         found = sorted(work.glob(pattern))
         if not found:
-            results.append({"file": what, "run": False, "reason": f"no {pattern} in the workspace"})
+            reason = ("untuned kernels" if search.untuned and what == "tuning database" else
+                      "weights given" if search.weights and what == "cached baseline" else f"no {pattern}")
+            results.append({"file": what, "run": False, "reason": reason})
+            print(f"truncated {what}: not run ({reason})", flush=True)
             continue
         path = found[0]
         backup = path.with_name(path.name + ".bench-backup")
@@ -212,7 +227,7 @@ def _truncated(work: Path, env: dict, trials: int) -> list[dict]:
         try:
             with open(path, "r+b") as handle:
                 handle.truncate(path.stat().st_size // 2)
-            code, text, last = _run(_search(work / "runs", trials + 1 + index), env)
+            code, text, last = _run(search.command(work / "runs", search.trials + 1 + index), env)
         finally:
             backup.replace(path)
         errors = [line for line in text.splitlines() if line.startswith("autocomp: error:")]
@@ -233,6 +248,12 @@ def main() -> None:
     parser.add_argument("--export-kills", type=int, default=3, help="SIGKILLs during the export")
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=float, default=60.0,
+                        help="each search kill lands at a random instant in its first WINDOW seconds")
+    parser.add_argument("--untuned", action="store_true",
+                        help="plain compiled kernels: no tuning and no tuning database (for CI)")
+    parser.add_argument("--weights", type=Path,
+                        help="trained demo-resnet weights: no baseline to train and cache (for CI)")
     parser.add_argument("--out", type=Path, help="JSON file for every kill and check")
     args = parser.parse_args()
 
@@ -240,28 +261,29 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="autocomp-faults-"))
     env = {**os.environ, "AUTOCOMP_CACHE": str(work / "cache")}
     started = time.perf_counter()
+    search = Search(args.trials, args.untuned, args.weights.resolve() if args.weights else None)
     try:
-        result = {"command": " ".join(sys.argv), "search": _search(work / "runs", args.trials)[1:],
-                  "kills": _kills(work, env, args.kills, args.trials, rng)}
+        result = {"command": " ".join(sys.argv), "search": search.command(work / "runs")[1:],
+                  "kills": _kills(work, env, args.kills, search, args.window, rng)}
         result["export"] = _export_kills(work, env, args.export_kills, rng)
-        result["full_disk"] = _full_disk(work, env, args.trials)
+        result["full_disk"] = _full_disk(work, env, search)
         print(f"full filesystem: {result['full_disk']}", flush=True)
-        result["truncated"] = _truncated(work, env, args.trials)
+        result["truncated"] = _truncated(work, env, search)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["seconds"] = time.perf_counter() - started
-    search = result["kills"]
-    summary = (f"{args.kills} kills: {len(search['lost'])} finished trials lost, final "
-               f"{search['finished']} of {search['wanted']} ({'exact' if search['exact'] else 'NOT exact'}), "
+    kills = result["kills"]
+    summary = (f"{args.kills} kills: {len(kills['lost'])} finished trials lost, final "
+               f"{kills['finished']} of {kills['wanted']} ({'exact' if kills['exact'] else 'NOT exact'}), "
                f"store problems "
-               f"{len(search['problems'])}; export after {args.export_kills} kills: "
+               f"{len(kills['problems'])}; export after {args.export_kills} kills: "
                f"{'complete' if result['export']['export_json'] else 'INCOMPLETE'}")
     print(summary, flush=True)
     result["summary"] = summary
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
-    ok = (not search["lost"] and search["exact"] and not search["problems"]
+    ok = (not kills["lost"] and kills["exact"] and not kills["problems"]
           and result["export"]["export_json"]
           and (not result["full_disk"]["run"] or (result["full_disk"]["one_line"]
                                                   and not result["full_disk"]["half_written"]))

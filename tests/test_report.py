@@ -1,4 +1,4 @@
-"""The report, the method map and ``autocomp pareto`` on a real (small) search run."""
+"""The report, the method map, ``autocomp pareto`` and optuna-dashboard on a real (small) search run."""
 
 import csv
 import json
@@ -139,3 +139,25 @@ def test_front_uses_deployed_size_as_third_objective() -> None:
     # same accuracy and latency: the smaller deployed model wins even with more parameters
     small, large = result(0, 0.9, 1e-3, 100, 500), result(1, 0.9, 1e-3, 400, 100)
     assert pareto_front([small, large]) == [small]
+
+
+def test_the_study_opens_in_optuna_dashboard(small_run: Path) -> None:
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    app = wsgi(f"sqlite:///{small_run / 'r' / 'study.db'}")
+
+    def get(path: str) -> dict:
+        environ: dict = {"PATH_INFO": path}
+        setup_testing_defaults(environ)
+        status = []
+        body = b"".join(app(environ, lambda code, *_: status.append(code)))
+        assert status[0].startswith("200"), (status, environ["wsgi.errors"].getvalue()[-500:])
+        return json.loads(body)
+
+    studies = get("/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["r"]
+    detail = get(f"/api/studies/{studies[0]['study_id']}")
+    assert [t["state"] for t in detail["trials"]].count("Complete") == 3
+    assert {attr["key"] for attr in detail["trials"][0]["user_attrs"]} >= {"plan_summary", "val_acc"}
