@@ -1,5 +1,6 @@
-"""Fault injection: a search killed with SIGKILL at random instants and resumed each time, its
-export killed the same way, a runs folder on a full filesystem, and truncated cache files.
+"""Fault injection: a search killed with SIGKILL in a random phase, at a random instant, and
+resumed each time; its export killed the same way; a runs folder on a full filesystem;
+truncated cache files.
 
 Nothing finished may be lost: after every kill the finished trials are a superset of those
 before, each with its files; every store passes its integrity check (the study's and the
@@ -9,17 +10,22 @@ one line naming what could not be written, and a truncated cache file must be re
 refused with one line naming it.
 
 The search is small (demo-resnet, 1-epoch baseline, tuned host kernels, latency table on,
-short fine-tuning) so that kills land in every phase: baseline training, study creation,
-tuning, the sensitivity pre-pass, trials, the final front; then the export.
+short fine-tuning). Each kill aims at one of its phases (PHASES: baseline training, study
+creation, tuning, the sensitivity pre-pass, trials, the final front) and lands a random
+instant after the phase's log line; then the export is killed.
 
     .venv/bin/python bench/faults.py --kills 20 --out runs/bench/faults.json
-    .venv/bin/python bench/faults.py --kills 3          # the short form
+    .venv/bin/python bench/faults.py --kills 3 --export-kills 1   # the short form
+    # the test's form (tests/test_faults.py): untuned kernels, trained weights given
+    .venv/bin/python bench/faults.py --kills 3 --export-kills 1 --untuned --weights W.pt \
+        --trials 2 --window 30
 """
 
 import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -28,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,31 +64,60 @@ def _export(runs: Path, out: Path) -> list[str]:
             str(runs), "--out", str(out), "--force"]
 
 
-def _run(command: list[str], env: dict, kill_after: float | None = None) -> tuple[int, str, str]:
-    """Run ``command``; with ``kill_after``, SIGKILL it (and its workers) then. Returns the exit
-    status, its output (stdout and stderr as they came) and the last output line (where it was)."""
+# The search's phases, in order, each by the start of the line it logs on reaching it. A kill
+# aimed at a phase lands a random instant (up to AIM_S seconds) after that line appears, so
+# kills reach every phase, not only the first ones a process passes through after start-up.
+PHASES = {"start-up, baseline training": r"search: compressing", "study creation": r"study:",
+          "baseline kernels: tuning and timing": r"baseline: measuring",
+          "sensitivity pre-pass": r"budget:", "warm start, first trial": r"warm start:",
+          "trials: compile, measure, fine-tune": r"trial +\d",
+          "final front": r"search: \d+ trials finished in"}
+AIM_S = 12.0
+
+
+def _run(command: list[str], env: dict, kill_after: float | None = None,
+         aim: tuple[str, float] | None = None) -> tuple[int, str, str]:
+    """Run ``command``; SIGKILL it (and its workers) ``kill_after`` seconds after start, or
+    sooner with ``aim`` (pattern, delay): that many seconds after a line matching the pattern
+    appears. Returns the exit status, its output (stdout and stderr as they came) and the last
+    output line (where it was)."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     lines: list[str] = []
+    seen = threading.Event()
 
     def read(stream) -> None:
         for line in stream:
             lines.append(line)
+            if aim is not None and re.match(aim[0], line):
+                seen.set()
 
     readers = [threading.Thread(target=read, args=(stream,), daemon=True)
                for stream in (process.stdout, process.stderr)]
     for reader in readers:
         reader.start()
-    try:
-        process.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the search and its timing and tuning workers
-        process.wait()
+    start, deadline = time.monotonic(), None
+    while process.poll() is None:
+        now = time.monotonic()
+        if deadline is None and seen.is_set():
+            deadline = now + aim[1]
+        timed_out = kill_after is not None and now - start >= kill_after
+        if timed_out or (deadline is not None and now >= deadline):
+            os.killpg(process.pid, signal.SIGKILL)  # the search and its timing and tuning workers
+            process.wait()
+            break
+        time.sleep(0.1)
     for reader in readers:
         reader.join(timeout=10)
     text = "".join(lines)
     last = next((line.strip() for line in reversed(lines) if line.strip()), "")
     return process.returncode, text, last
+
+
+def _reached(text: str) -> list[str]:
+    """The phases whose lines ``text`` (a search's output) holds."""
+    lines = text.splitlines()
+    return [phase for phase, pattern in PHASES.items() if any(re.match(pattern, line) for line in lines)]
 
 
 def _finished(run: Path) -> dict[int, str]:
@@ -139,17 +175,30 @@ def _kills(work: Path, env: dict, kills: int, search: Search, window: float, rng
     run = runs / NAME
     records, lost, broken = [], [], []
     before: dict[int, str] = {}
+    phases = list(PHASES)[:2]
     for kill in range(kills):
-        delay = rng.uniform(1.0, window)
-        code, _, last = _run(search.command(runs), env, kill_after=delay)
+        # Aim at a phase the last run passed through, or the one after the last it reached
+        # (not further: the run would go through every phase before it); a phase passed for
+        # good (the baseline, once in the study) logs no line again.
+        aim = rng.choice(phases)
+        started = time.monotonic()
+        code, text, last = _run(search.command(runs), env, kill_after=window,
+                                aim=(PHASES[aim], rng.uniform(0.0, AIM_S)))
+        seconds = time.monotonic() - started
+        reached = _reached(text)
         after = _finished(run)
         gone = sorted(set(before) - set(after))
         problems = _stores(work, run)
-        records.append({"kill": kill + 1, "after_s": round(delay, 1), "exit": code, "last_line": last[:160],
+        landed = reached[-1] if reached else "start-up"
+        records.append({"kill": kill + 1, "aimed_at": aim, "landed_in": landed,
+                        "after_s": round(seconds, 1), "exit": code, "last_line": last[:160],
                         "finished": len(after), "lost": gone, "problems": problems})
-        print(f"kill {kill + 1}/{kills} after {delay:.1f} s (exit {code}): {len(after)} finished, "
-              f"lost {gone or 'none'}, stores {problems or 'ok'}; at: {last[:100]}",
+        print(f"kill {kill + 1}/{kills} aimed at {aim}, landed in {landed} after {seconds:.1f} s "
+              f"(exit {code}): {len(after)} finished, lost {gone or 'none'}, stores {problems or 'ok'}; "
+              f"at: {last[:100]}",
               flush=True)
+        last_phase = max((list(PHASES).index(p) for p in reached), default=0)
+        phases = [p for i, p in enumerate(PHASES) if p in reached or i == last_phase + 1]
         lost += gone
         broken += problems
         before = after
@@ -248,8 +297,8 @@ def main() -> None:
     parser.add_argument("--export-kills", type=int, default=3, help="SIGKILLs during the export")
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--window", type=float, default=60.0,
-                        help="each search kill lands at a random instant in its first WINDOW seconds")
+    parser.add_argument("--window", type=float, default=300.0,
+                        help="a search not killed in its aimed-at phase is killed after WINDOW seconds")
     parser.add_argument("--untuned", action="store_true",
                         help="plain compiled kernels: no tuning and no tuning database (for CI)")
     parser.add_argument("--weights", type=Path,
@@ -273,6 +322,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     result["seconds"] = time.perf_counter() - started
     kills = result["kills"]
+    landed = Counter(kill["landed_in"] for kill in kills["kills"])
+    print("kills landed in: " + ", ".join(f"{phase} {landed[phase]}" for phase in PHASES if landed[phase]),
+          flush=True)
     summary = (f"{args.kills} kills: {len(kills['lost'])} finished trials lost, final "
                f"{kills['finished']} of {kills['wanted']} ({'exact' if kills['exact'] else 'NOT exact'}), "
                f"store problems "

@@ -58,6 +58,12 @@ def _name_the_file(err: BaseException, path: Path) -> None:
         err.filename = str(path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see ``replacing``)."""
+    with replacing(path) as temporary:
+        temporary.write_text(text)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` to ``path`` as indented JSON, atomically (see ``replacing``)."""
     with replacing(path) as temporary:

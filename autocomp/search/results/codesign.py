@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from autocomp.core.errors import AutocompError
-from autocomp.core.staging import write_json
+from autocomp.core.staging import write_json, write_text
 from autocomp.core.units import format_seconds, parse_budget, parse_bytes
 from autocomp.hardware.costmodel.estimate import (
     UNCALIBRATED_LOG_SD,
@@ -368,5 +368,5 @@ def codesign(run_dir: Path, target: str, sweep: dict[str, list], *, budget: str 
                                                     v.best["latency"]["median_s"])).label
     outcome.paths = [run_dir / f"codesign-{profile.name}.json", run_dir / f"codesign-{profile.name}.md"]
     write_json(outcome.paths[0], outcome.to_json())
-    outcome.paths[1].write_text(outcome.table())
+    write_text(outcome.paths[1], outcome.table())
     return outcome

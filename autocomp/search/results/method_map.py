@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from autocomp.core.inventory import build_inventory
+from autocomp.core.staging import replacing, write_text
 from autocomp.search.settings import RunSettings
 
 KEEP = "keep"
@@ -119,7 +120,8 @@ class MethodMap:
                   fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method family",
                   title_fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        with replacing(path) as temporary:
+            fig.savefig(temporary, dpi=120, format="png")
         plt.close(fig)
 
 
@@ -145,7 +147,7 @@ def write_method_map(run_dir: Path, title: str, layers: list[str],
     ``layers`` (model order, see ``model_layers``) into the run folder."""
     method_map = build_method_map(layers, plans)
     markdown, image = run_dir / "method_map.md", run_dir / "method_map.png"
-    markdown.write_text(f"# {title}\n\nEach layer's method and setting in each plan (keep: "
-                        "unchanged).\n\n" + method_map.to_markdown() + "\n")
+    write_text(markdown, f"# {title}\n\nEach layer's method and setting in each plan (keep: "
+                         "unchanged).\n\n" + method_map.to_markdown() + "\n")
     method_map.plot(image, title)
     return markdown, image

@@ -8,6 +8,7 @@ from typing import Any
 
 import optuna
 
+from autocomp.core.staging import replacing
 from autocomp.core.units import format_bytes, format_count, format_seconds
 
 
@@ -134,7 +135,7 @@ def format_table(rows: list[TrialResult], baseline_latency_s: float | None = Non
 def write_csv(rows: list[TrialResult], path: Path) -> None:
     """The front as CSV, one row per trial, latency provenance included (deploy as JSON)."""
     columns = list(TrialResult.__dataclass_fields__)
-    with open(path, "w", newline="") as handle:
+    with replacing(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
@@ -203,5 +204,6 @@ def plot_front(results: list[TrialResult], front: list[TrialResult], path: Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as temporary:
+        fig.savefig(temporary, dpi=120, format="png")
     plt.close(fig)

@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 
 from autocomp.core.errors import AutocompError
+from autocomp.core.staging import write_text
 from autocomp.core.units import format_bytes, format_count, format_seconds
 from autocomp.search.results.method_map import model_layers, write_method_map
 from autocomp.search.results.pareto import (
@@ -471,6 +472,6 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     view = load_run(run_dir)
     text = report_markdown(view)
     markdown_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    markdown_path.write_text(text)
-    html_path.write_text(report_html(text, run_dir, f"autocomp report: {view.settings.name}"))
+    write_text(markdown_path, text)
+    write_text(html_path, report_html(text, run_dir, f"autocomp report: {view.settings.name}"))
     return markdown_path, html_path
