@@ -119,6 +119,8 @@ def test_device_dropping_mid_measurement_is_retried(tracker, servers) -> None:
             for server, count in zip(servers, baseline, strict=True):
                 if len(server.group_pids()) > count:
                     time.sleep(1.0)  # well inside the 4 s of timing
+                    if len(server.group_pids()) <= count:
+                        continue  # a short connection (a tracker's check), not the session
                     server.kill()
                     killed.append(server)
                     break

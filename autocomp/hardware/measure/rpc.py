@@ -284,6 +284,7 @@ class RPCMeasurer:
     def time_library(self, library: Path, input_shape: tuple[int, ...]) -> Latency:
         """Time an exported library on the device (beside the reference when one is set)."""
         reference = self._reference_dir / "model.so" if self._reference_dir is not None else None
+        self.failures = []  # over every attempt: a noisy one is timed again, its retries still count
         attempt, attempts = ab.timed(lambda: self._rounds(library, input_shape, reference), self._reference,
                                      _no_watch, _device_load)
         return ab.summarise(attempt, attempts, self._reference, self._label())
@@ -296,7 +297,6 @@ class RPCMeasurer:
 
     def _rounds(self, library: Path, input_shape: tuple[int, ...], reference: Path | None) -> ab.Rounds:
         """One timed attempt, with a fresh session for each retry of a failing device."""
-        self.failures = []
         attempts = self.settings.retries + 1
         for attempt in range(1, attempts + 1):
             try:
@@ -308,7 +308,7 @@ class RPCMeasurer:
                             self.settings.key, attempt, attempts, reason)
         raise AutocompError(f"RPC device {self.settings.key!r} via tracker {self.settings.tracker_host}:"
                             f"{self.settings.tracker_port} failed {attempts} times; last: "
-                            f"{self.failures[-1]}")
+                            f"{reason}")
 
     def _time_once(self, library: Path, input_shape: tuple[int, ...], reference: Path | None) -> ab.Rounds:
         import numpy as np
