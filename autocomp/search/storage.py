@@ -147,6 +147,10 @@ def _open_rdb(url: str, shown: str) -> optuna.storages.RDBStorage:
         raise AutocompError(f"cannot open the storage {shown}: {reason}") from None
 
 
+# What SQLite and PostgreSQL say when the disk is full or the file read-only.
+_FULL_OR_READ_ONLY = ("disk is full", "no space left", "readonly database", "read-only", "disk quota")
+
+
 def refused_write(err: BaseException) -> str | None:
     """Why the storage refused to store something, when it is the machine's to fix (a full
     disk or quota, a read-only file): the database's own message, else None. Optuna wraps
@@ -161,10 +165,6 @@ def refused_write(err: BaseException) -> str | None:
             return text
         current = current.__cause__ or current.__context__
     return None
-
-
-# What SQLite and PostgreSQL say when the disk is full or the file read-only.
-_FULL_OR_READ_ONLY = ("disk is full", "no space left", "readonly database", "read-only", "disk quota")
 
 
 def _has_password(url: str) -> bool:

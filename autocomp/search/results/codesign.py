@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from autocomp.core.errors import AutocompError
+from autocomp.core.inventory import build_inventory
 from autocomp.core.staging import write_json, write_text
 from autocomp.core.units import format_seconds, parse_budget, parse_bytes
 from autocomp.hardware.costmodel.estimate import (
@@ -306,8 +307,10 @@ def codesign(run_dir: Path, target: str, sweep: dict[str, list], *, budget: str 
 
     logger.info("codesign: %d front trial%s of run %s x %d variants of %s (%s)", len(front),
                 "s" if len(front) != 1 else "", settings.name, len(chosen), profile.name, source)
-    reference = kernels(settings.model.build())
-    models = {t["number"]: load_trial_model(run_dir, settings, t["number"], data) for t in front}
+    teacher = settings.model.build()
+    reference = kernels(teacher)
+    base = (teacher, build_inventory(teacher, shape))  # built once for every front trial
+    models = {t["number"]: load_trial_model(run_dir, settings, t["number"], data, base) for t in front}
     ops = {number: kernels(model) for number, model in models.items()}
     memory: dict[int, McuMemory | None] = {}
 
