@@ -121,14 +121,17 @@ def _reached(text: str) -> list[str]:
 
 
 def _finished(run: Path) -> dict[int, str]:
-    """Finished trials (COMPLETE or PRUNED) of the run's study, by number."""
+    """Finished trials (COMPLETE or PRUNED) of the run's study that count as trials (not plans
+    skipped as predicted over the budget), by number."""
     path = run / "study.db"
     if not path.is_file():
         return {}
     with sqlite3.connect(path) as db:
         if not db.execute("SELECT name FROM sqlite_master WHERE name='trials'").fetchone():
             return {}
-        return dict(db.execute("SELECT number, state FROM trials WHERE state IN ('COMPLETE', 'PRUNED')"))
+        return dict(db.execute(
+            "SELECT number, state FROM trials WHERE state IN ('COMPLETE', 'PRUNED') AND trial_id NOT IN "
+            "(SELECT trial_id FROM trial_user_attributes WHERE key = 'not_counted')"))
 
 
 def _sqlite_ok(path: Path) -> str | None:

@@ -159,5 +159,9 @@ def test_the_study_opens_in_optuna_dashboard(small_run: Path) -> None:
     studies = get("/api/studies")["study_summaries"]
     assert [s["study_name"] for s in studies] == ["r"]
     detail = get(f"/api/studies/{studies[0]['study_id']}")
-    assert [t["state"] for t in detail["trials"]].count("Complete") == 3
+    # the same trials in the same states as Optuna reads them (which of the three trials end
+    # complete or pruned over budget depends on their measured latency)
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{small_run / 'r' / 'study.db'}")
+    assert [t["state"] for t in detail["trials"]] == [t.state.name.title() for t in study.trials]
+    assert [t["state"] for t in detail["trials"]].count("Complete") >= 1
     assert {attr["key"] for attr in detail["trials"][0]["user_attrs"]} >= {"plan_summary", "val_acc"}

@@ -32,10 +32,12 @@ def test_data_free_mcu_search_with_an_impossible_sram_budget_shows_the_closest(
         cli, tmp_path: Path, trained_resnet: Path) -> None:
     code, out, err = cli("search", "--model", "demo-resnet", "--weights", str(trained_resnet), "--data",
                          "fashion-mnist", "--target", "cortex-m7", "--space", "mcu", "--no-finetune",
-                         "--sram", "4KB", "--trials", "2", "--val-subset", "300", "--no-sensitivity",
-                         "--name", "m7")
+                         "--sram", "4KB", "--budget", "10s", "--trials", "2", "--val-subset", "300",
+                         "--no-sensitivity", "--name", "m7")
     assert code == 0, err
     assert "data-free (no fine-tuning)" in out
+    # a latency budget the uncompressed model meets is said to rule nothing out
+    assert "budget: the uncompressed model already meets the latency budget" in out
     assert "no trial meets the budgets" in out and "the closest 2" in out
     run = tmp_path / "runs" / "m7"
     front = json.loads((run / "front.json").read_text())
@@ -48,6 +50,7 @@ def test_data_free_mcu_search_with_an_impossible_sram_budget_shows_the_closest(
     code, shown, _ = cli("pareto", "m7", "--runs-dir", str(tmp_path / "runs"))
     assert code == 0
     report = (run / "report.md").read_text()
+    assert "Note: the uncompressed model already meets the latency budget" in report
     # (what the profiles' cost models were fitted to may say "measured": it is about them)
     from autocomp.hardware.profiles import available_profiles, load_profile
 

@@ -52,6 +52,10 @@ def add_search_command(commands: argparse._SubParsersAction) -> None:
                         help="kernels of workloads the tuning database lacks, in trials: transfer "
                              "(default: a tuned neighbour's schedule, no tuning on the trial's critical "
                              "path; the final front is tuned) or tune (each trial tunes them: slower)")
+    search.add_argument("--no-predict", action="store_true",
+                        help="compile and time every plan, also those whose latency the run's measured "
+                             "trials predict to be far over the budget (by default such plans are "
+                             "skipped before compiling and do not count as trials)")
     search.add_argument("--latency-table", action="store_true",
                         help="also record the kernel latency table's prediction next to each measured "
                              "latency (metrics.json), and its error at the end (host targets)")
@@ -97,7 +101,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         storage=args.storage, space=args.space, finetune=not args.no_finetune,
         finetune_steps=args.finetune_steps, sensitivity=not args.no_sensitivity,
         warm_start=not args.no_warm_start, latency_table=args.latency_table,
-        trial_schedules=args.trial_schedules, seed=args.seed,
+        trial_schedules=args.trial_schedules, predict=not args.no_predict, seed=args.seed,
         train_subset=args.train_subset, val_subset=args.val_subset, baseline_epochs=epochs,
         runs_dir=args.runs_dir)
     setup_torch()

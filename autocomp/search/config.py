@@ -23,6 +23,8 @@ class SearchConfig:
     ``space`` defaults to ``default`` (``data-free`` without fine-tuning).
     ``trial_schedules`` says how trials compile workloads the tuning database lacks:
     ``transfer`` a tuned neighbour's schedule (the final front is tuned), or ``tune`` them.
+    ``predict`` lets a measured target skip plans predicted far over the latency budget before
+    they are compiled (``autocomp.search.prediction``).
     """
 
     model: str
@@ -48,6 +50,7 @@ class SearchConfig:
     warm_start: bool = True
     latency_table: bool = False
     trial_schedules: str = "transfer"
+    predict: bool = True
     seed: int = 0
     train_subset: int | None = 20000
     val_subset: int | None = None

@@ -22,16 +22,23 @@ from autocomp.search.config import SearchConfig
 from autocomp.search.early_stop import DominatedPruner
 from autocomp.search.measurers import MeasurerPool
 from autocomp.search.objective import Budgets, TrialContext, TrialObjective
+from autocomp.search.prediction import predictions_summary
 from autocomp.search.results.final_front import FinalFront, finalise
 from autocomp.search.results.layer_shares import all_target_shares
 from autocomp.search.results.pareto import TrialResult, best_feasible, collect
 from autocomp.search.sensitivity import Sensitivity, measure_sensitivity
-from autocomp.search.settings import RunSettings, check_name, save_settings, with_memory_limits
+from autocomp.search.settings import (
+    RunSettings,
+    check_name,
+    save_settings,
+    unbinding_budget,
+    with_memory_limits,
+)
 from autocomp.search.space.loading import load_space
 from autocomp.search.space.sampling import SearchSpace
 from autocomp.search.storage import describe_storage, open_storage, refused_write
 from autocomp.search.study import adopt, create_study, open_study, shared_settings_json, shared_state
-from autocomp.search.workers import run_trials
+from autocomp.search.workers import NOT_COUNTED, counts, run_trials
 from autocomp.training.baseline import cached_baseline
 from autocomp.training.train import evaluate
 
@@ -43,6 +50,9 @@ SENSITIVITY_IMAGES = 1000
 # because a TVM compile can hold the interpreter lock for a while.
 HEARTBEAT_S = 10.0
 GRACE_S = 120.0
+# Plans skipped as predicted over the latency budget, per trial asked for: a bound on how long
+# the sampler may keep proposing plans the prediction rules out.
+SKIPPED_PER_TRIAL = 2
 
 
 @dataclass
@@ -93,7 +103,7 @@ def run_search(config: SearchConfig) -> SearchOutcome:
                            storage=config.storage, size_budget=config.size, sram=config.sram,
                            flash=config.flash, finetune=config.finetune, sensitivity=config.sensitivity,
                            warm_start=config.warm_start, latency_table=config.latency_table,
-                           trial_schedules=config.trial_schedules)
+                           trial_schedules=config.trial_schedules, predict=config.predict)
     return run_study(settings, config.runs_dir, data, profile, space, budget, size_budget)
 
 
@@ -150,8 +160,11 @@ def run_study(settings: RunSettings, runs_root: Path, data: DataSplits, profile:
                            train=take(data.train, settings.train_subset, settings.seed), val=val,
                            budgets=budgets, run_dir=run_dir, calib=calib, seed=settings.seed,
                            finetune=settings.finetune,
-                           pruner=DominatedPruner() if settings.finetune else None)
+                           pruner=DominatedPruner() if settings.finetune else None,
+                           baseline_s=settings.baseline["latency"]["median_s"], predict=settings.predict,
+                           max_skipped=SKIPPED_PER_TRIAL * settings.trials)
         _optimise(study, TrialObjective(ctx), settings.trials)
+        _log_predictions(study)
         for table in measurers.tables():
             rows = table.records(f"{settings.name}/")
             if rows:
@@ -188,6 +201,8 @@ def _log_baseline(settings: RunSettings) -> None:
                 base["latency"]["provenance"])
     if base.get("budget_s") is not None:
         logger.info("budget: latency <= %s (%s)", format_seconds(base["budget_s"]), settings.budget)
+    if note := unbinding_budget(base):
+        logger.info("budget: %s", note)
 
 
 def _sensitivity(teacher, inventory: Inventory, space: SearchSpace, val, calib, profile: HardwareProfile,
@@ -238,8 +253,7 @@ def _write_layer_shares(teacher, settings: RunSettings, run_dir: Path) -> None:
 def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int) -> None:
     """Finish ``wanted`` trials in the study (counting other workers'): a progress phase, and a
     log line per trial."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = len(study.get_trials(deepcopy=False, states=states))
+    done = sum(counts(t) for t in study.get_trials(deepcopy=False))
     if done >= wanted:
         logger.info("search: %d trials already finished (asked for %d); reporting", done, wanted)
         return
@@ -248,7 +262,7 @@ def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int) -> No
     bar = Progress("search", total=wanted, initial=done, unit="trial", log_end=False)
 
     def on_finish(trial: optuna.trial.FrozenTrial, seconds: float) -> None:
-        bar.moveto(min(wanted, len(study.get_trials(deepcopy=False, states=states))))
+        bar.moveto(min(wanted, sum(counts(t) for t in study.get_trials(deepcopy=False))))
         attrs = trial.user_attrs
         label = f" ({attrs['label']})" if attrs.get("label") else ""
         if trial.state == optuna.trial.TrialState.COMPLETE:
@@ -258,6 +272,9 @@ def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int) -> No
                         f"{format_bytes(attrs['size_bytes'])}  "
                         f"{'within budget' if attrs['feasible'] else 'over budget'}  "
                         f"[{attrs['plan_summary']}]  ({seconds:.0f} s)")
+        elif attrs.get(NOT_COUNTED):
+            logger.info(f"trial {trial.number:>3}{label}: {attrs['pruned_reason']} "
+                        f"[{attrs['plan_summary']}]  ({seconds:.0f} s; not counted)")
         elif trial.state == optuna.trial.TrialState.PRUNED:
             logger.info(f"trial {trial.number:>3}{label}: stopped early: "
                         f"{attrs.get('pruned_reason', 'hopeless')} ({seconds:.0f} s)")
@@ -276,3 +293,10 @@ def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int) -> No
     finally:
         bar.close()
     logger.info("search: %d trials finished in %.0f s", wanted, time.perf_counter() - start)
+
+
+
+def _log_predictions(study: optuna.Study) -> None:
+    text = predictions_summary(study.get_trials(deepcopy=False))
+    if text:
+        logger.info("prediction: %s", text)

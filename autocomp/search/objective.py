@@ -1,7 +1,9 @@
-"""One trial: sample a plan, compress, measure latency and memory, fine-tune with distillation
-(stopped early when hopeless), score."""
+"""One trial: sample a plan, compress, predict its latency (a plan predicted far over the
+budget stops there), measure latency and memory, fine-tune with distillation (stopped early
+when hopeless), score."""
 
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -13,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from autocomp.core.inventory import Inventory, count_macs
 from autocomp.core.staging import replacing, write_json
+from autocomp.core.units import format_seconds
+from autocomp.hardware.costmodel.estimate import EstimateMeasurer
 from autocomp.hardware.costmodel.lut import LatencyTable
 from autocomp.hardware.mcu.memory import device_memory
 from autocomp.hardware.measure.base import Latency
@@ -20,7 +24,9 @@ from autocomp.intake.data import take
 from autocomp.methods.apply import apply_plan, count_params, size_bytes
 from autocomp.search.early_stop import Checkpoints, DominatedPruner
 from autocomp.search.measurers import MeasurerPool
+from autocomp.search.prediction import FEATURES_KEY, PREDICTION_KEY, Point, features, fit, measured_points
 from autocomp.search.space.sampling import SearchSpace
+from autocomp.search.workers import NOT_COUNTED
 from autocomp.training.distill import finetune
 from autocomp.training.train import evaluate
 
@@ -31,6 +37,9 @@ logger = logging.getLogger(__name__)
 TABLE_FIT_AFTER = 5
 # Validation images scored at each fine-tuning checkpoint (early stopping).
 CHECKPOINT_IMAGES = 500
+# Share of the plans predicted over the latency budget that are measured all the same, so
+# that the run knows how often such a prediction is wrong.
+AUDIT_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,9 @@ class TrialContext:
     seed: int = 0
     finetune: bool = True  # False: data-free, calibration only
     pruner: DominatedPruner | None = None  # early stopping of hopeless fine-tuning
+    baseline_s: float | None = None  # the uncompressed model's latency (the profile's own setting)
+    predict: bool = True  # predict latency first; skip plans predicted far over the budget
+    max_skipped: int = 0  # skipped plans the run may have in all (they do not count as trials)
 
 
 class TrialObjective:
@@ -65,6 +77,7 @@ class TrialObjective:
     def __init__(self, ctx: TrialContext) -> None:
         self.ctx = ctx
         self._known: dict = {}  # the running trial's figures known before fine-tuning
+        self._teacher_features = None  # the uncompressed model's, for the baseline's point
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         folder = self.ctx.run_dir / "trials" / str(trial.number)
@@ -103,8 +116,18 @@ class TrialObjective:
         timings["apply_s"] = time.perf_counter() - start
 
         # Latency, size and memory depend on the structure only, so they are known before
-        # fine-tuning: a trial that cannot meet the budgets can be stopped early.
+        # fine-tuning: a trial that cannot meet the budgets can be stopped early, and one
+        # predicted far over the latency budget before it is even compiled.
         profile, measurer, table = ctx.measurers.get(deploy)
+        size = size_bytes(model)
+        memory = device_memory(model, shape, profile)
+        prediction = None
+        if ctx.predict and ctx.budgets.latency_s is not None and not isinstance(measurer, EstimateMeasurer):
+            start = time.perf_counter()
+            prediction = self._predict(trial, model, profile)
+            timings["predict_s"] = time.perf_counter() - start
+            if prediction.get("skip"):
+                self._skip(trial, plan, deploy, prediction, size, memory, profile, timings)
         start = time.perf_counter()
         latency = measurer.measure(model, shape)
         timings["measure_s"] = time.perf_counter() - start
@@ -114,9 +137,12 @@ class TrialObjective:
             table_figures = _predict_from_table(table, model, shape, latency,
                                                 f"{ctx.run_dir.name}/trial {trial.number}")
             timings["table_s"] = time.perf_counter() - start
-        size = size_bytes(model)
-        memory = device_memory(model, shape, profile)
-        constraints = _constraints(ctx.budgets, latency, size, memory, profile)
+        constraints = _constraints(ctx.budgets, latency.median_s, size, memory, profile)
+        if prediction is not None and prediction.get("predicted_s") is not None:
+            prediction["error"] = prediction["predicted_s"] / latency.median_s - 1
+            prediction["measured_over_budget"] = constraints["latency_over_budget"] > 0
+        if prediction is not None:
+            trial.set_user_attr(PREDICTION_KEY, prediction)
         feasible = all(value <= 0 for value in constraints.values())
         # Constraints are Optuna's (feasible when <= 0), which the samplers respect, rather
         # than penalties folded into the objectives.
@@ -139,6 +165,7 @@ class TrialObjective:
             "memory": memory.as_dict() if memory is not None else None,
             "over_memory": memory.exceeds(profile.memory) if memory is not None else None,
             "latency_table": table_figures,
+            "prediction": prediction,
             "finetune": asdict(tuning),
             "timings": timings,  # seconds per step, filled in as the trial goes (a stopped one too)
         }
@@ -170,12 +197,72 @@ class TrialObjective:
         trial.set_user_attr("feasible", feasible)
         return accuracy, latency.median_s * 1e3, float(size)
 
+    def _predict(self, trial: optuna.Trial, model: nn.Module, profile) -> dict:
+        """The plan's predicted latency from the run's measured trials (``search.prediction``),
+        and whether to skip it: predicted over the latency budget by more than the fit's p90
+        error, not drawn for an audit (``AUDIT_SHARE``), and the run's skips not used up."""
+        ctx = self.ctx
+        shape = tuple(ctx.inventory.input_shape)
+        found = features(model, shape, profile)
+        trial.set_user_attr(FEATURES_KEY, found.to_json())
+        own = profile.latency.threads == ctx.measurers.profile.latency.threads
+        baseline = None
+        if own and ctx.baseline_s is not None:
+            if self._teacher_features is None:
+                self._teacher_features = features(ctx.teacher, shape, profile)
+            baseline = Point(self._teacher_features, ctx.baseline_s)
+        trials = trial.study.get_trials(deepcopy=False)
+        fitted = fit(measured_points(trials, baseline))
+        predicted = fitted.predict(found) if fitted is not None else None
+        if predicted is None:
+            why = ("too few measured models yet" if fitted is None else
+                   "int8 kernels, and fewer than two models with int8 kernels measured yet")
+            return {"predicted_s": None, "why_not": why}
+        result = {"predicted_s": predicted, "p90_error": fitted.p90_error, "points": fitted.points,
+                  "how": fitted.describe()}
+        budget = ctx.budgets.latency_s
+        if budget is None or predicted <= budget * (1 + fitted.p90_error):
+            return result
+        result["over_budget"] = True
+        skipped = sum(1 for t in trials if t.user_attrs.get(NOT_COUNTED))
+        if skipped >= ctx.max_skipped:
+            result["measured_because"] = f"the run's {ctx.max_skipped} skips are used up"
+        elif random.Random(f"{ctx.seed}:{trial.number}").random() < AUDIT_SHARE:
+            result["measured_because"] = "drawn to check the prediction"
+        else:
+            result["skip"] = True
+        return result
 
-def _constraints(budgets: Budgets, latency: Latency, size: int, memory, profile) -> dict[str, float]:
+    def _skip(self, trial: optuna.Trial, plan, deploy: dict, prediction: dict, size: int, memory,
+              profile, timings: dict) -> None:
+        """Record a plan predicted over the latency budget (its constraints from the prediction,
+        so the sampler learns from it) and stop it before it is compiled; it does not count as
+        one of the run's trials."""
+        ctx = self.ctx
+        prediction.pop("skip")
+        prediction["skipped"] = True
+        constraints = _constraints(ctx.budgets, prediction["predicted_s"], size, memory, profile)
+        for key, value in constraints.items():
+            trial.set_constraint(key, value)
+        reason = (f"not compiled: predicted {format_seconds(prediction['predicted_s'])}, over the "
+                  f"{format_seconds(ctx.budgets.latency_s)} budget by more than the prediction's p90 "
+                  f"error ({prediction['p90_error']:.0%})")
+        for key, value in (("constraints", constraints), (PREDICTION_KEY, prediction),
+                           ("size_bytes", size), ("pruned_reason", reason), (NOT_COUNTED, True)):
+            trial.set_user_attr(key, value)
+        self._known = {"trial": trial.number, "label": trial.user_attrs.get("label"),
+                       "plan_digest": plan.digest(), "plan_summary": plan.describe(), "deploy": deploy,
+                       "prediction": prediction, "size_bytes": size, "constraints": constraints,
+                       "feasible": False, "memory": memory.as_dict() if memory is not None else None,
+                       "timings": timings}
+        raise optuna.TrialPruned(reason)
+
+
+def _constraints(budgets: Budgets, latency_s: float, size: int, memory, profile) -> dict[str, float]:
     """Each limit's violation relative to the limit (<= 0: met), so that violations of
     different limits add up to one distance from feasibility."""
     constraints = {"latency_over_budget": 0.0 if budgets.latency_s is None
-                   else latency.median_s / budgets.latency_s - 1}
+                   else latency_s / budgets.latency_s - 1}
     if budgets.size_bytes is not None:
         constraints["size_over_budget"] = (size - budgets.size_bytes) / budgets.size_bytes
     if memory is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from autocomp.core.errors import AutocompError
 from autocomp.core.staging import write_json
-from autocomp.core.units import parse_bytes
+from autocomp.core.units import format_seconds, parse_bytes
 from autocomp.hardware.profiles import HardwareProfile, load_target
 from autocomp.intake.source import ModelSource
 from autocomp.search.storage import without_password
@@ -44,6 +44,7 @@ class RunSettings:
     warm_start: bool = True  # enqueue the uncompressed model and the uniform baselines
     latency_table: bool = False  # record the kernel latency table's prediction per trial
     trial_schedules: str = "transfer"  # new workloads in trials: a neighbour's schedule, or tuned
+    predict: bool = True  # skip plans predicted far over the latency budget before compiling them
     baseline: dict[str, Any] = field(default_factory=dict)  # accuracy, latency, budget_s
 
     @property
@@ -60,6 +61,17 @@ class RunSettings:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunSettings":
         return cls(**{**data, "model": ModelSource(**data["model"])})
+
+
+def unbinding_budget(baseline: dict) -> str | None:
+    """The sentence saying that the uncompressed model already meets the latency budget (so the
+    budget rules nothing out), or None when it does not or there is no budget."""
+    budget_s, latency_s = baseline.get("budget_s"), baseline.get("latency", {}).get("median_s")
+    if budget_s is None or latency_s is None or latency_s > budget_s:
+        return None
+    return (f"the uncompressed model already meets the latency budget ({format_seconds(latency_s)} <= "
+            f"{format_seconds(budget_s)}): the budget rules no plan out, so the search trades size "
+            "against accuracy (and latency below the budget); a tighter --budget makes it bind")
 
 
 def with_memory_limits(profile: HardwareProfile, sram: str | None, flash: str | None) -> HardwareProfile:

@@ -3,9 +3,11 @@ killing a worker at any moment loses no finished trial.
 
 The guarantee
 -------------
-"Finished" means COMPLETE or PRUNED. Every worker (process, on any machine) calls
-:func:`run_trials` on the same study with the same ``wanted``; together they finish
-exactly ``wanted`` trials, never more, and each returns once that many have finished.
+"Finished" means COMPLETE or PRUNED, except trials with the user attribute ``not_counted``
+(plans the objective stopped before paying for them: ``NOT_COUNTED``). Every worker
+(process, on any machine) calls :func:`run_trials` on the same study with the same
+``wanted``; together they finish exactly ``wanted`` trials, never more, and each returns
+once that many have finished.
 
 *Never more.* After ``study.ask()`` has stored a worker's trial T as RUNNING, the worker
 reads the study once more and runs T only if
@@ -78,6 +80,7 @@ from autocomp.core.errors import AutocompError, DamagedStore
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+NOT_COUNTED = "not_counted"  # a finished trial with this user attribute is not one of the ``wanted``
 HEARTBEAT_KEY = "heartbeat"
 FAIL_REASON_KEY = "fail_reason"
 SURPLUS = "surplus: the trial budget was taken by other workers"
@@ -90,11 +93,17 @@ Objective = Callable[[optuna.Trial], Sequence[float] | float]
 OnFinish = Callable[[FrozenTrial, float], None]
 
 
+def counts(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` is one of the finished trials a run asks for."""
+    return trial.state in FINISHED and not trial.user_attrs.get(NOT_COUNTED)
+
+
 def run_trials(study: optuna.Study, objective: Objective, wanted: int, *,
                on_finish: OnFinish | None = None, heartbeat_s: float = 10, grace_s: float = 30,
                max_failures: int | None = None, poll_s: float = 1.0) -> None:
-    """Run trials of ``study`` until ``wanted`` have finished (COMPLETE or PRUNED) in total,
-    counting those of every worker sharing the study; see the module docstring.
+    """Run trials of ``study`` until ``wanted`` have finished (COMPLETE or PRUNED, not
+    ``NOT_COUNTED``) in total, counting those of every worker sharing the study; see the
+    module docstring.
 
     ``objective(trial)`` returns the values; ``optuna.TrialPruned`` prunes the trial, any
     other exception fails it (user attribute ``fail_reason``, one line) and the loop goes
@@ -117,7 +126,7 @@ def run_trials(study: optuna.Study, objective: Objective, wanted: int, *,
             interrupts.check()
             with interrupts.deferred():
                 trials = stale.fail_stale(study)
-            finished = sum(t.state in FINISHED for t in trials)
+            finished = sum(counts(t) for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if finished >= wanted:
                 return
@@ -194,7 +203,7 @@ def _run_one(study: optuna.Study, objective: Objective, wanted: int, heartbeat_s
 
 def _holds_slot(study: optuna.Study, number: int, wanted: int) -> bool:
     trials = study.get_trials(deepcopy=False)
-    finished = sum(t.state in FINISHED for t in trials)
+    finished = sum(counts(t) for t in trials)
     ahead = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number < number
                 for t in trials)
     return finished + ahead < wanted

@@ -23,6 +23,7 @@ import optuna
 from autocomp.core.errors import AutocompError
 from autocomp.core.staging import write_text
 from autocomp.core.units import format_bytes, format_count, format_seconds
+from autocomp.search.prediction import predictions_summary
 from autocomp.search.results.method_map import model_layers, write_method_map
 from autocomp.search.results.pareto import (
     TrialResult,
@@ -34,8 +35,9 @@ from autocomp.search.results.pareto import (
     obtained_again,
     pareto_front,
 )
-from autocomp.search.settings import RunSettings, load_settings
+from autocomp.search.settings import RunSettings, load_settings, unbinding_budget
 from autocomp.search.storage import open_storage
+from autocomp.search.workers import NOT_COUNTED
 
 NOT_COMPUTED = "Not computed for this run."
 STATES = {"COMPLETE": "complete", "PRUNED": "stopped early (pruned)", "FAIL": "failed",
@@ -210,6 +212,7 @@ def _budgets(settings: RunSettings) -> str:
 def _settings_section(view: RunView) -> str:
     s = view.settings
     states = Counter(t.state.name for t in view.trials)
+    skipped = sum(1 for t in view.trials if t.user_attrs.get(NOT_COUNTED))
     storage = s.storage or f"{(view.run_dir / 'study.db').resolve()} (SQLite)"
     weights = f" (weights {s.model.weights})" if s.model.weights else ""
     rows = [
@@ -222,7 +225,9 @@ def _settings_section(view: RunView) -> str:
         ["sampler", s.sampler],
         ["search space", f"`{s.space}`"],
         ["trials", f"{s.trials} asked; {states.get('COMPLETE', 0)} complete, "
-                   f"{states.get('PRUNED', 0)} stopped early, {states.get('FAIL', 0)} failed"],
+                   f"{states.get('PRUNED', 0) - skipped} stopped early, {states.get('FAIL', 0)} failed"
+                   + (f"; {skipped} more plans predicted over the latency budget and not compiled"
+                      if skipped else "")],
         ["fine-tuning", "on (distillation from the uncompressed model)" if s.finetune
          else "off (data-free: calibration only)"],
         ["sensitivity pre-pass", "on" if s.sensitivity else "off"],
@@ -238,7 +243,8 @@ def _baseline_section(view: RunView) -> str:
     row = [_pct(base.get("val_acc")), _pct(base.get("test_acc")), _spread(base["latency"])]
     return ("## Baseline (uncompressed model)\n\n"
             + _table(["val acc", "test acc", "latency, median (p10-p90)"], [row])
-            + f"\n\nLatency {base['latency']['provenance']}. Budgets: {_budgets(view.settings)}.")
+            + f"\n\nLatency {base['latency']['provenance']}. Budgets: {_budgets(view.settings)}."
+            + (f" Note: {note}." if (note := unbinding_budget(base)) else ""))
 
 
 def _front_rows(view: RunView, rows: list[TrialResult]) -> str:
@@ -422,9 +428,13 @@ def _statistics_section(view: RunView) -> str:
     text += ("\n\nFailure reasons:\n\n" + _table(["reason", "trials"], reasons.most_common())
              if reasons else "\n\nNo trial failed.")
     stopped = Counter(t.user_attrs.get("pruned_reason", "no reason recorded") for t in view.trials
-                      if t.state == optuna.trial.TrialState.PRUNED)
+                      if t.state == optuna.trial.TrialState.PRUNED and not t.user_attrs.get(NOT_COUNTED))
     if stopped:
         text += "\n\nTrials stopped early:\n\n" + _table(["reason", "trials"], stopped.most_common())
+    predictions = predictions_summary(view.trials)
+    if predictions:
+        text += ("\n\nLatency predicted before compiling (the cost model corrected by the run's measured "
+                 f"trials): {predictions}.")
     return text
 
 
