@@ -97,6 +97,31 @@ def test_prediction_is_recorded_with_the_measurement(tmp_path: Path) -> None:
     assert summary.within_10pct == (1.0 if abs(error) <= 0.1 else 0.0)
 
 
+def test_a_reference_relative_figure_is_checked_as_timed(tmp_path: Path) -> None:
+    """The search's figures are ratio x the run's baseline, timed at another moment: with the
+    baseline timed on a busy machine they are 2x what the kernels, timed alone now, sum to. The
+    table is checked, and its in-model correction fitted, against the candidate's own median in
+    its rounds, so a busy baseline does not become a 2x correction for every later run."""
+    from autocomp.hardware.costmodel.lut import Prediction
+    from autocomp.hardware.measure.base import Latency
+
+    profile = quick_profile()
+    timed = {"ratio": 2.0, "raw_median_s": 1e-4, "reference_s": 1e-4, "baseline_s": 2e-4, "level_s": 1e-4}
+    figure = Latency(2e-4, 1.8e-4, 2.2e-4, 15, "measured", "reference-relative", reference=timed)
+    predicted = Latency(1.1e-4, 1e-4, 1.2e-4, 9, "estimated", "table sum")
+    with LatencyTable(profile, tmp_path / "table.sqlite") as table:
+        table.record(Prediction(predicted, "d", 3, 3, 3, 1e-4, 1e-5), figure, "run/trial 1")
+        rows = table.records()
+        overhead = table.fit_overhead()
+        summary = table.error_summary()
+    assert [(row["measured_s"], row["measured_p10_s"]) for row in rows] == [
+        (pytest.approx(1e-4), pytest.approx(0.9e-4))]
+    assert "as timed" in rows[0]["measured_provenance"]
+    # the kernels sum to what was timed: no per-call term (the busy baseline's would be 33 us)
+    assert overhead.per_call_s == pytest.approx(0.0, abs=1e-12)
+    assert summary.median_signed == pytest.approx(0.1)
+
+
 def test_a_failed_prediction_is_recorded_apart_from_the_error(tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     from autocomp.search.objective import _predict_from_table

@@ -17,7 +17,7 @@ from autocomp.core.inventory import Inventory, count_macs
 from autocomp.core.staging import replacing, write_json
 from autocomp.core.units import format_seconds
 from autocomp.hardware.costmodel.estimate import EstimateMeasurer
-from autocomp.hardware.costmodel.lut import LatencyTable
+from autocomp.hardware.costmodel.lut import LatencyTable, timed_frame
 from autocomp.hardware.mcu.memory import device_memory
 from autocomp.hardware.measure.base import Latency
 from autocomp.intake.data import take
@@ -277,7 +277,8 @@ def _constraints(budgets: Budgets, latency_s: float, size: int, memory, profile)
 def _predict_from_table(table: LatencyTable, model: nn.Module, shape: tuple[int, ...],
                         measured: Latency, label: str) -> dict:
     """The latency table's prediction for the trial's model, recorded next to the end-to-end
-    measurement so that the table's error is always known. A table failure is logged and
+    measurement (as timed, the frame of kernels timed alone: ``lut.timed_frame``) so that the
+    table's error is always known. A table failure is logged and
     recorded with the trial (``failed``, where a prediction has its relative ``error``), not
     allowed to fail it."""
     try:
@@ -289,7 +290,7 @@ def _predict_from_table(table: LatencyTable, model: nn.Module, shape: tuple[int,
         logger.warning("%s: latency table prediction failed: %s: %s", label, type(err).__name__,
                        str(err).strip()[:200])
         return {"failed": f"{type(err).__name__}: {str(err).strip()[:200]}"}
-    return {"predicted_s": prediction.latency.median_s,
-            "error": prediction.latency.median_s / measured.median_s - 1,
+    return {"predicted_s": prediction.latency.median_s, "measured_as_timed_s": timed_frame(measured).median_s,
+            "error": prediction.latency.median_s / timed_frame(measured).median_s - 1,
             "kernels": prediction.kernels, "hits": prediction.hits,
             "provenance": prediction.latency.provenance}

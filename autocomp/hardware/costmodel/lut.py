@@ -24,7 +24,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -266,9 +266,11 @@ class LatencyTable:
                           total["median_s"], extra)
 
     def record(self, prediction: Prediction, measured: Latency, label: str = "") -> None:
-        """Store a prediction next to the end-to-end measurement of the same model."""
+        """Store a prediction next to the end-to-end measurement of the same model, in the frame
+        of the kernels' own times (``timed_frame``)."""
         if measured.kind != "measured":
             raise AutocompError(f"only measured latencies can check a prediction, not {measured.kind}")
+        measured = timed_frame(measured)
         self._db.execute(
             "INSERT INTO predictions (target_key, threads, label, model_digest, kernels, calls, hits, "
             "kernel_sum_s, overhead_s, predicted_s, prediction_provenance, measured_s, measured_p10_s, "
@@ -321,6 +323,25 @@ class LatencyTable:
         if not rows:
             raise AutocompError("no model has both a prediction and a measurement yet")
         return summarise([row["predicted_s"] / row["measured_s"] - 1 for row in rows])
+
+
+def timed_frame(measured: Latency) -> Latency:
+    """``measured`` as the timing worker saw it, the frame kernels timed alone are in.
+
+    A reference-relative figure (``measure.reference``) is the candidate's ratio to the
+    reference in the same rounds times the run's baseline, which was timed at another moment,
+    under another load: compared with kernel times taken now, it carries the ratio of the
+    two loads (2x when the baseline was timed on a busy machine). The candidate's own median
+    in its rounds (``reference["raw_median_s"]``, the spread scaled alike) is what kernel
+    sums predict. A figure without a reference is returned as it is.
+    """
+    raw = (measured.reference or {}).get("raw_median_s")
+    if raw is None:
+        return measured
+    factor = raw / measured.median_s
+    return replace(measured, median_s=raw, p10_s=measured.p10_s * factor, p90_s=measured.p90_s * factor,
+                   provenance=f"{measured.provenance}; as timed (the candidate's own median in its rounds, "
+                              "not scaled to the baseline)")
 
 
 def summarise(errors: list[float]) -> ErrorSummary:
