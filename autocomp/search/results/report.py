@@ -40,7 +40,8 @@ from autocomp.search.storage import open_storage
 from autocomp.search.workers import NOT_COUNTED
 
 NOT_COMPUTED = "Not computed for this run."
-STATES = {"COMPLETE": "complete", "PRUNED": "stopped early (pruned)", "FAIL": "failed",
+STATES = {"COMPLETE": "complete", "PRUNED": "stopped early (pruned)",
+          "SKIPPED": "predicted over the latency budget, not compiled (not counted)", "FAIL": "failed",
           "RUNNING": "running (or killed while running)", "WAITING": "queued, not started"}
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em;
@@ -415,7 +416,7 @@ def _shares_section(view: RunView) -> str:
 
 
 def _statistics_section(view: RunView) -> str:
-    states = Counter(t.state.name for t in view.trials)
+    states = Counter("SKIPPED" if t.user_attrs.get(NOT_COUNTED) else t.state.name for t in view.trials)
     rows = [[STATES.get(name, name.lower()), count] for name, count in sorted(states.items())]
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in view.trials
                  if t.state == optuna.trial.TrialState.COMPLETE and t.datetime_start and t.datetime_complete]
