@@ -67,11 +67,12 @@ def _export(runs: Path, out: Path) -> list[str]:
 # The search's phases, in order, each by the start of the line it logs on reaching it. A kill
 # aimed at a phase lands a random instant (up to AIM_S seconds) after that line appears, so
 # kills reach every phase, not only the first ones a process passes through after start-up.
+# A run resumed after its last trial goes from the baseline lines straight to the final front.
 PHASES = {"start-up, baseline training": r"search: compressing", "study creation": r"study:",
           "baseline kernels: tuning and timing": r"baseline: measuring",
           "sensitivity pre-pass": r"budget:", "warm start, first trial": r"warm start:",
           "trials: compile, measure, fine-tune": r"trial +\d",
-          "final front": r"search: \d+ trials finished in"}
+          "final front": r"search: \d+ trials (finished in|already finished)"}
 AIM_S = 12.0
 
 
