@@ -295,7 +295,6 @@ def _optimise(study: optuna.Study, objective: TrialObjective, wanted: int) -> No
     logger.info("search: %d trials finished in %.0f s", wanted, time.perf_counter() - start)
 
 
-
 def _log_predictions(study: optuna.Study) -> None:
     text = predictions_summary(study.get_trials(deepcopy=False))
     if text:

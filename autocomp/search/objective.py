@@ -138,10 +138,10 @@ class TrialObjective:
                                                 f"{ctx.run_dir.name}/trial {trial.number}")
             timings["table_s"] = time.perf_counter() - start
         constraints = _constraints(ctx.budgets, latency.median_s, size, memory, profile)
-        if prediction is not None and prediction.get("predicted_s") is not None:
-            prediction["error"] = prediction["predicted_s"] / latency.median_s - 1
-            prediction["measured_over_budget"] = constraints["latency_over_budget"] > 0
         if prediction is not None:
+            if prediction.get("predicted_s") is not None:
+                prediction["error"] = prediction["predicted_s"] / latency.median_s - 1
+                prediction["measured_over_budget"] = constraints["latency_over_budget"] > 0
             trial.set_user_attr(PREDICTION_KEY, prediction)
         feasible = all(value <= 0 for value in constraints.values())
         # Constraints are Optuna's (feasible when <= 0), which the samplers respect, rather
@@ -290,7 +290,8 @@ def _predict_from_table(table: LatencyTable, model: nn.Module, shape: tuple[int,
         logger.warning("%s: latency table prediction failed: %s: %s", label, type(err).__name__,
                        str(err).strip()[:200])
         return {"failed": f"{type(err).__name__}: {str(err).strip()[:200]}"}
-    return {"predicted_s": prediction.latency.median_s, "measured_as_timed_s": timed_frame(measured).median_s,
-            "error": prediction.latency.median_s / timed_frame(measured).median_s - 1,
+    timed_s = timed_frame(measured).median_s
+    return {"predicted_s": prediction.latency.median_s, "measured_as_timed_s": timed_s,
+            "error": prediction.latency.median_s / timed_s - 1,
             "kernels": prediction.kernels, "hits": prediction.hits,
             "provenance": prediction.latency.provenance}

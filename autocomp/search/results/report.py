@@ -210,10 +210,16 @@ def _budgets(settings: RunSettings) -> str:
     return ", ".join(parts) or "none"
 
 
+def _states(view: RunView) -> Counter:
+    """Trials per state, plans skipped as predicted over the budget (``SKIPPED``) apart from
+    the trials stopped early."""
+    return Counter("SKIPPED" if t.user_attrs.get(NOT_COUNTED) else t.state.name for t in view.trials)
+
+
 def _settings_section(view: RunView) -> str:
     s = view.settings
-    states = Counter(t.state.name for t in view.trials)
-    skipped = sum(1 for t in view.trials if t.user_attrs.get(NOT_COUNTED))
+    states = _states(view)
+    skipped = states.get("SKIPPED", 0)
     storage = s.storage or f"{(view.run_dir / 'study.db').resolve()} (SQLite)"
     weights = f" (weights {s.model.weights})" if s.model.weights else ""
     rows = [
@@ -226,7 +232,7 @@ def _settings_section(view: RunView) -> str:
         ["sampler", s.sampler],
         ["search space", f"`{s.space}`"],
         ["trials", f"{s.trials} asked; {states.get('COMPLETE', 0)} complete, "
-                   f"{states.get('PRUNED', 0) - skipped} stopped early, {states.get('FAIL', 0)} failed"
+                   f"{states.get('PRUNED', 0)} stopped early, {states.get('FAIL', 0)} failed"
                    + (f"; {skipped} more plans predicted over the latency budget and not compiled"
                       if skipped else "")],
         ["fine-tuning", "on (distillation from the uncompressed model)" if s.finetune
@@ -416,7 +422,7 @@ def _shares_section(view: RunView) -> str:
 
 
 def _statistics_section(view: RunView) -> str:
-    states = Counter("SKIPPED" if t.user_attrs.get(NOT_COUNTED) else t.state.name for t in view.trials)
+    states = _states(view)
     rows = [[STATES.get(name, name.lower()), count] for name, count in sorted(states.items())]
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in view.trials
                  if t.state == optuna.trial.TrialState.COMPLETE and t.datetime_start and t.datetime_complete]
